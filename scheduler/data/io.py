@@ -1,0 +1,213 @@
+"""Read and write fine-tuning datasets in the formats users actually have.
+
+Every reader yields the user's rows unchanged plus a normalised (prompt, response)
+view, so scoring can write back exactly what came in. Errors name the file, the
+line (or row), the field and what was expected, because users fix data by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SCHEMAS = (
+    "prompt/response",
+    "instruction/input/output (Alpaca)",
+    "messages (chat: user/assistant turns)",
+    "text",
+)
+
+
+class DataError(ValueError):
+    """Bad user input; the message is one line naming file, line, field and expectation."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One fine-tuning sample: normalised text plus the row exactly as the user gave it."""
+
+    prompt: str
+    response: str
+    row: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def label(self) -> str | None:
+        """Ground-truth label when the data carries one; for mixing and evaluation only."""
+        return self.row.get("label")
+
+
+def _text(value: Any) -> str | None:
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _from_messages(messages: Any, where: str) -> tuple[str, str]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages': expected a non-empty list of {{role, content}} turns")
+    turns = []
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+            raise DataError(f"{where}: field 'messages[{i}]': expected an object with a string 'content'")
+        turns.append((str(turn.get("role", "user")), turn["content"].strip()))
+    last_assistant = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
+    if last_assistant is None:
+        prompt_turns, response = turns, ""
+    else:
+        prompt_turns, response = turns[:last_assistant], turns[last_assistant][1]
+    prompt = "\n".join(content for role, content in prompt_turns if role != "system" and content)
+    if not prompt:
+        raise DataError(f"{where}: field 'messages': expected at least one user turn with text")
+    return prompt, response
+
+
+def to_example(row: Any, where: str) -> Example:
+    """Normalise one row of any supported schema (or a plain string) to an Example."""
+    if isinstance(row, str):
+        if not row.strip():
+            raise DataError(f"{where}: expected non-empty text, got an empty string")
+        return Example(row.strip(), "", {"text": row})
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object or a string, got {type(row).__name__}")
+    if "messages" in row:
+        prompt, response = _from_messages(row["messages"], where)
+        return Example(prompt, response, row)
+    if _text(row.get("prompt")):
+        response = row.get("response", row.get("completion", row.get("output", "")))
+        return Example(row["prompt"].strip(), _text(response) or "", row)
+    if _text(row.get("instruction")):
+        prompt = row["instruction"].strip()
+        if _text(row.get("input")):
+            prompt += "\nInput: " + row["input"].strip()
+        return Example(prompt, _text(row.get("output")) or "", row)
+    if _text(row.get("text")):
+        return Example(row["text"].strip(), "", row)
+    keys = ", ".join(sorted(map(str, row))) or "none"
+    raise DataError(
+        f"{where}: no usable text field (has: {keys}); expected one of the schemas " + "; ".join(SCHEMAS)
+    )
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: expected a file, got a directory or special file")
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise DataError(f"{path}: unsupported extension '{path.suffix}'; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: file is not readable (permission denied)")
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: malformed JSON ({error.msg} at column {error.colno})") from None
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of rows (or an object with a 'data' array)")
+    for index, row in enumerate(data):
+        yield f"{path}: row {index}", row
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        for row in reader:
+            yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+    for index, row in enumerate(table.to_pylist()):
+        yield f"{path}: row {index}", row
+
+
+_READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
+
+
+def iter_examples(path: str | os.PathLike) -> Iterator[Example]:
+    """Stream a dataset file as Examples, failing on the first bad row with its location."""
+    path = Path(path)
+    _check_readable(path)
+    try:
+        for where, row in _READERS[path.suffix.lower()](path):
+            yield to_example(row, where)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def read_examples(path: str | os.PathLike) -> list[Example]:
+    """Read a whole dataset file; an empty dataset is an error, not a silent no-op."""
+    examples = list(iter_examples(path))
+    if not examples:
+        raise DataError(f"{path}: empty dataset; expected at least one row")
+    return examples
+
+
+def examples_from_rows(rows: Sequence[Any] | Iterable[Any]) -> list[Example]:
+    """Normalise in-memory rows (dicts of any supported schema, or plain strings)."""
+    examples = [to_example(row, f"row {i}") for i, row in enumerate(rows)]
+    if not examples:
+        raise DataError("rows: empty dataset; expected at least one row")
+    return examples
+
+
+def _write_jsonl(rows: list[dict], handle) -> None:
+    for row in rows:
+        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_rows(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write rows atomically in the format named by the extension: no partial file on failure."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise DataError(f"{path}: unsupported output extension '{path.suffix}'; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+        elif suffix == ".csv":
+            import pandas as pd
+
+            pd.DataFrame(rows).to_csv(tmp, index=False)
+        else:
+            with tmp.open("w", encoding="utf-8") as handle:
+                if suffix == ".json":
+                    json.dump(rows, handle, ensure_ascii=False, indent=1)
+                else:
+                    _write_jsonl(rows, handle)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
