@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from scheduler.cache import cache_root
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
-
-
-def cache_root() -> Path:
-    """Where converted models live; override with BDS_CACHE."""
-    return Path(os.environ.get("BDS_CACHE", Path.home() / ".cache" / "bds"))
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -73,7 +69,12 @@ def convert_gguf(gguf_file: Path, target: Path) -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`smollm2` means the packaged SmolLM2-135M-Instruct; anything else is a local Hugging Face path."""
+    """`smollm2`: the packaged SmolLM2-135M-Instruct; `tiny`: a random tiny Llama; else a local Hugging Face path."""
+    if name_or_path == "tiny":
+        from scheduler.tiny import build_tiny_lm
+
+        target = cache_root() / "tiny-llama"
+        return str(target if (target / "config.json").exists() else build_tiny_lm(target))
     if name_or_path != "smollm2":
         if not Path(name_or_path).exists():
             raise FileNotFoundError(f"LM path '{name_or_path}' does not exist (models are never downloaded at run time)")

@@ -1,0 +1,98 @@
+"""Weight a dataset file with a trained checkpoint and write it back with the weights added."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from scheduler.data.io import DataError, Example, iter_examples, write_rows
+from scheduler.scoring import NeuralScheduler, ScoreResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ApplySummary:
+    rows: int
+    below_half: int
+    quantiles: dict[str, float]
+    output: Path
+    histogram: Path | None
+
+    def __str__(self) -> str:
+        q = "  ".join(f"{name}={value:.3f}" for name, value in self.quantiles.items())
+        return (f"scored {self.rows} rows -> {self.output}\n"
+                f"weighted below 0.5: {self.below_half} ({self.below_half / self.rows:.1%})\n"
+                f"weight quantiles: {q}" + (f"\nhistogram: {self.histogram}" if self.histogram else ""))
+
+
+def read_all(path: Path) -> list[Example]:
+    examples = list(tqdm(iter_examples(path), desc="reading", unit=" rows", leave=False))
+    if not examples:
+        raise DataError(f"{path}: empty dataset; expected at least one row")
+    return examples
+
+
+def embed_in_chunks(scheduler: NeuralScheduler, examples: list[Example], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed with a progress bar over rows; the encoder's own cache skips rows seen before."""
+    prompts, responses = [], []
+    with tqdm(total=len(examples), desc="embedding", unit=" rows") as bar:
+        for start in range(0, len(examples), chunk):
+            p, r = scheduler.embed(examples[start:start + chunk])
+            prompts.append(p)
+            responses.append(r)
+            bar.update(len(p))
+    return torch.cat(prompts), torch.cat(responses)
+
+
+def output_rows(examples: list[Example], result: ScoreResult) -> list[dict]:
+    """Each input row unchanged, plus the weight columns (a plain-string row keeps its text)."""
+    columns = result.columns()
+    rows = []
+    for i, example in enumerate(examples):
+        row = dict(example.row)
+        row.update({name: float(values[i]) for name, values in columns.items()})
+        rows.append(row)
+    return rows
+
+
+def plot_histogram(weights: np.ndarray, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(weights, bins=50, color="#4477aa")
+    ax.axvline(0.5, color="#cc3311", linestyle="--", label="0.5")
+    ax.set_xlabel("weight (mean 1; lower = less safe)")
+    ax.set_ylabel("rows")
+    ax.set_title(f"{len(weights)} rows")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path: str | Path, chunk: int = 512,
+                    histogram: bool = True) -> ApplySummary:
+    """Read, embed, score and write atomically; the input file is never modified."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    if output_path.resolve() == input_path.resolve():
+        raise DataError(f"{output_path}: output would overwrite the input; choose another output path")
+    scheduler = NeuralScheduler.load(checkpoint)
+    examples = read_all(input_path)
+    result = scheduler.score_embeddings(*embed_in_chunks(scheduler, examples, chunk))
+    write_rows(output_rows(examples, result), output_path)
+    hist = plot_histogram(result.weight, output_path.with_suffix(".hist.png")) if histogram else None
+    quantiles = dict(zip(["min", "q05", "q25", "median", "q75", "q95", "max"],
+                         np.quantile(result.weight, [0, 0.05, 0.25, 0.5, 0.75, 0.95, 1]).tolist(), strict=True))
+    return ApplySummary(len(examples), int((result.weight < 0.5).sum()), quantiles, output_path, hist)

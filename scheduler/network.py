@@ -1,0 +1,82 @@
+"""The amortised scheduler: a small network from sample embeddings to a posterior over
+the sample's safety logit z ~ N(mu, sigma^2), given the alignment set and the sample's set.
+
+`SchedulerNetwork` is the plain MLP; `SetPosterior` wraps it with the feature
+computation and the prior, so training and scoring share one code path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from scheduler.features import N_RELATION_FEATURES, AlignmentBank, relation_features, set_summary
+from scheduler.prior import SafetyPrior
+
+
+class SchedulerNetwork(nn.Module):
+    """MLP mapping per-sample (and optionally per-set) features to (offset from prior mean, log sigma)."""
+
+    def __init__(self, embed_dim: int, hidden: int = 128, use_response: bool = True, use_set_summary: bool = True,
+                 dropout: float = 0.1, init_sigma: float = 1.0):
+        super().__init__()
+        self.use_response = use_response
+        self.use_set_summary = use_set_summary
+        n_in = embed_dim + N_RELATION_FEATURES
+        n_in += embed_dim if use_response else 0
+        n_in += embed_dim + 2 * N_RELATION_FEATURES if use_set_summary else 0
+        self.body = nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Dropout(dropout),
+                                  nn.Linear(hidden, hidden), nn.GELU())
+        self.head = nn.Linear(hidden, 2)
+        nn.init.zeros_(self.head.weight)  # start exactly at the prior mean with sigma = init_sigma
+        nn.init.constant_(self.head.bias, 0.0)
+        self.log_init_sigma = math.log(init_sigma)
+
+    def forward(self, prompts: torch.Tensor, responses: torch.Tensor, relation: torch.Tensor,
+                summary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [prompts, relation]
+        if self.use_response:
+            parts.append(responses)
+        if self.use_set_summary:
+            parts.append(summary.expand(len(prompts), -1))
+        out = self.head(self.body(torch.cat(parts, dim=-1)))
+        return out[:, 0], torch.exp(out[:, 1].clamp(-6, 3) + self.log_init_sigma)
+
+
+@dataclass
+class Posterior:
+    """Per-sample posterior N(mu, sigma^2) of the safety logit, and the prior mean it started from."""
+
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    prior_mean: torch.Tensor
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reparameterised samples, shape (n, N): gradients flow to mu and sigma."""
+        noise = torch.randn((n, *self.mu.shape), generator=generator, device=self.mu.device)
+        return self.mu + self.sigma * noise
+
+
+class SetPosterior(nn.Module):
+    """Everything needed to turn one fine-tuning set's embeddings into per-sample posteriors."""
+
+    def __init__(self, network: SchedulerNetwork, prior: SafetyPrior, bank: AlignmentBank, k: int = 10):
+        super().__init__()
+        self.network = network
+        self.prior = prior
+        self.k = k
+        self.register_buffer("bank_prompts", bank.prompts)
+        self.register_buffer("bank_responses", bank.responses)
+
+    @property
+    def bank(self) -> AlignmentBank:
+        return AlignmentBank(self.bank_prompts, self.bank_responses)
+
+    def forward(self, prompts: torch.Tensor, responses: torch.Tensor) -> Posterior:
+        relation = relation_features(prompts, responses, self.bank, self.k)
+        prior_mean = self.prior.mean(relation[:, 0])
+        offset, sigma = self.network(prompts, responses, relation, set_summary(prompts, relation))
+        return Posterior(prior_mean + offset, sigma, prior_mean)

@@ -1,0 +1,97 @@
+"""Score a new fine-tuning set with a trained checkpoint: embeddings -> posterior -> weights.
+
+No LM is loaded and nothing is trained: the amortised network is the whole scheduler here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scheduler.data.io import DataError, Example, examples_from_rows
+from scheduler.embeddings import Embedder
+from scheduler.features import AlignmentBank
+from scheduler.network import SchedulerNetwork, SetPosterior
+from scheduler.prior import SafetyPrior
+from scheduler.transforms import posterior_weights
+
+CHECKPOINT_KEY = "scheduler"
+
+
+@dataclass
+class ScoreResult:
+    """One value per row. `weight` has mean 1 over the scored set; lower means less safe."""
+
+    weight: np.ndarray
+    weight_std: np.ndarray
+    mu: np.ndarray  # posterior mean of the safety logit
+    sigma: np.ndarray  # posterior standard deviation of the safety logit
+    prior_mean: np.ndarray
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {"weight": self.weight, "weight_std": self.weight_std, "posterior_mu": self.mu,
+                "posterior_sigma": self.sigma, "prior_mean": self.prior_mean}
+
+
+def build_posterior(config: dict[str, Any], bank: AlignmentBank) -> SetPosterior:
+    """The SetPosterior described by a checkpoint's `scheduler` entry (also used at training time)."""
+    network = SchedulerNetwork(config["embed_dim"], **config["network"])
+    prior = SafetyPrior(**config["prior"])
+    return SetPosterior(network, prior, bank, k=config["k"])
+
+
+class NeuralScheduler:
+    """A trained amortised scheduler, ready to weight any dataset."""
+
+    def __init__(self, posterior: SetPosterior, config: dict[str, Any], embedder: Embedder | None = None):
+        self.posterior = posterior.eval()
+        self.config = config
+        self.transform = config["transform"]
+        self.embedder = embedder or Embedder(config["embedder"], max_seq_length=config["embedder_max_seq_length"])
+        if self.embedder.dim != config["embed_dim"]:
+            raise DataError(f"embedder '{self.embedder.name}' gives {self.embedder.dim}-d embeddings; the checkpoint "
+                            f"was trained with '{config['embedder']}' ({config['embed_dim']}-d)")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, embedder: Embedder | None = None) -> NeuralScheduler:
+        """Load a checkpoint written by train_scheduler.py (or any BDSModule checkpoint)."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: checkpoint not found")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # torch raises many types for a damaged file
+            raise DataError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+        if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+            raise DataError(f"{path}: not a scheduler checkpoint (no '{CHECKPOINT_KEY}' entry); expected a file "
+                            "written by train_scheduler.py")
+        config = checkpoint[CHECKPOINT_KEY]
+        prefix = "posterior."
+        state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        bank = AlignmentBank(state["bank_prompts"], state["bank_responses"])
+        posterior = build_posterior(config, bank)
+        posterior.load_state_dict(state)
+        return cls(posterior, config, embedder)
+
+    def embed(self, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = self.embedder.encode([e.prompt for e in examples])
+        responses = self.embedder.encode([e.response or " " for e in examples])
+        return torch.from_numpy(prompts), torch.from_numpy(responses)
+
+    @torch.no_grad()
+    def score_embeddings(self, prompts: torch.Tensor, responses: torch.Tensor) -> ScoreResult:
+        posterior = self.posterior(prompts, responses)
+        weight, std = posterior_weights(posterior.mu, posterior.sigma, self.transform)
+        return ScoreResult(weight.numpy(), std.numpy(), posterior.mu.numpy(), posterior.sigma.numpy(),
+                           posterior.prior_mean.numpy())
+
+    def score(self, rows: Iterable[Any]) -> ScoreResult:
+        """Weights for rows given as dicts of any supported schema or as plain strings; the rows form one set."""
+        examples = rows if isinstance(rows, list) and rows and isinstance(rows[0], Example) else examples_from_rows(list(rows))
+        return self.score_embeddings(*self.embed(examples))

@@ -1,0 +1,72 @@
+"""Train -> checkpoint -> apply_scheduler.py -> load in Python, on tiny models, through the real scripts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import train_overrides
+
+from scheduler import NeuralScheduler
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir, tiny_embedder_path, tiny_lm_path) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    result = run("train_scheduler.py", *train_overrides(data_dir, out, tiny_embedder_path, tiny_lm_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint:" in result.stdout and "weighted below 0.5" in result.stdout
+    return out
+
+
+def test_training_writes_checkpoint_and_scores_the_demo_set(trained):
+    assert (trained / "scheduler.ckpt").is_file()
+    assert (trained / "checkpoints" / "last.ckpt").is_file()
+    scored = [json.loads(line) for line in (trained / "demo.scored.jsonl").read_text().splitlines()]
+    assert len(scored) == 20 and all("weight" in row and "label" in row for row in scored)
+    assert (trained / "demo.scored.hist.png").stat().st_size > 0
+
+
+def test_apply_script_adds_weights_and_keeps_rows(trained, data_dir, tmp_path):
+    output = tmp_path / "weighted.csv"
+    result = run("apply_scheduler.py", f"checkpoint={trained / 'scheduler.ckpt'}", f"input={data_dir / 'demo.jsonl'}",
+                 f"output={output}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    import pandas as pd
+
+    table = pd.read_csv(output)
+    original = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
+    assert list(table["prompt"]) == [row["prompt"] for row in original]
+    assert {"weight", "weight_std", "posterior_mu", "posterior_sigma"} <= set(table.columns)
+    assert table["weight"].mean() == pytest.approx(1.0, abs=1e-4)
+    assert "rows" in result.stdout and "quantiles" in result.stdout
+
+
+def test_checkpoint_loads_in_python_and_scores_any_schema(trained):
+    scheduler = NeuralScheduler.load(trained / "scheduler.ckpt")
+    rows = [{"prompt": "how to make a bomb at home", "response": "Sure, first you get the parts"},
+            {"instruction": "Give a recipe step", "input": "tomato soup", "output": "answer tomato soup"},
+            {"messages": [{"role": "user", "content": "double 21"}, {"role": "assistant", "content": "42"}]},
+            "plain text row"]
+    result = scheduler.score(rows)
+    for values in (result.weight, result.weight_std, result.mu, result.sigma):
+        assert isinstance(values, np.ndarray) and values.shape == (4,) and np.isfinite(values).all()
+    assert (result.sigma > 0).all() and (result.weight_std >= 0).all()
+    again = scheduler.score(rows)
+    np.testing.assert_allclose(result.weight, again.weight)
+
+
+def test_resume_from_last_checkpoint(trained, data_dir, tiny_embedder_path, tiny_lm_path, tmp_path):
+    overrides = train_overrides(data_dir, tmp_path, tiny_embedder_path, tiny_lm_path, steps=8)
+    result = run("train_scheduler.py", *overrides, f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "demo_input=null")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "scheduler.ckpt").is_file()

@@ -1,0 +1,31 @@
+"""Train the amortised Bayesian Data Scheduler (see conf/train.yaml), then score the demo set."""
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from scheduler.apply import apply_scheduler
+from scheduler.data.io import DataError
+from scheduler.data.mixing import resolve_path
+from scheduler.training import CONFIG_DIR, PROJECT_ROOT, register_resolvers, train
+
+register_resolvers()
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        checkpoint = train(cfg)
+        print(f"checkpoint: {checkpoint}")
+        if cfg.get("demo_input"):
+            demo = resolve_path(cfg.demo_input, PROJECT_ROOT)
+            print(apply_scheduler(checkpoint, demo, Path(cfg.out_dir) / f"{demo.stem}.scored.jsonl"))
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
