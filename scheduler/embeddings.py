@@ -34,8 +34,11 @@ def resolve_embedder_path(name_or_path: str) -> str:
 
 @lru_cache(maxsize=4)
 def _load_model(path: str, max_seq_length: int):
+    import transformers
     from sentence_transformers import SentenceTransformer
 
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
     model = SentenceTransformer(path, device="cpu", local_files_only=True)
     model.max_seq_length = min(max_seq_length, model.max_seq_length or max_seq_length)
     return model

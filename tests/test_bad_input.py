@@ -1,0 +1,96 @@
+"""Bad input: one-line error naming file, line and field, non-zero exit, no partial output."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import train_overrides
+
+from scheduler.data.io import DataError, read_examples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ('{"prompt": "a", "response": "b"}\n{"prompt": "a", \n', r"bad\.jsonl:2: malformed JSON"),
+    ('{"prompt": "a", "response": "b"}\n{"title": "x", "body": "y"}\n', r"bad\.jsonl:2: no usable text field \(has: body, title\)"),
+    ('{"messages": [{"role": "user"}]}\n', r"bad\.jsonl:1: field 'messages\[0\]'"),
+    ("", r"bad\.jsonl: empty dataset"),
+    ("[1, 2]\n", r"bad\.jsonl:1: expected a JSON object or a string, got list"),
+])
+def test_reader_errors_name_file_line_and_field(tmp_path, content, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=expected):
+        read_examples(path)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("missing.jsonl", "file not found"), ("data.txt", "unsupported extension")])
+def test_missing_or_unsupported_file(tmp_path, name, expected):
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(DataError, match=expected):
+        read_examples(tmp_path / name)
+
+
+def test_not_utf8(tmp_path):
+    (tmp_path / "latin.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_examples(tmp_path / "latin.jsonl")
+
+
+def run_apply(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "apply_scheduler.py"), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, data_dir, tiny_embedder_path, tiny_lm_path) -> Path:
+    out = tmp_path_factory.mktemp("bad-input-run")
+    overrides = train_overrides(data_dir, out, tiny_embedder_path, tiny_lm_path, steps=2) + ["demo_input=null"]
+    result = subprocess.run([sys.executable, str(ROOT / "train_scheduler.py"), *overrides], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out / "scheduler.ckpt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("content", "expected"), [
+    ('{"prompt": "a", "response": "b"}\n{oops\n', "input.jsonl:2: malformed JSON"),
+    ('{"prompt": "a"}\n{"foo": 1}\n', "input.jsonl:2: no usable text field (has: foo)"),
+    ("", "input.jsonl: empty dataset"),
+])
+def test_apply_rejects_bad_rows_without_output(checkpoint, tmp_path, content, expected):
+    source = tmp_path / "input.jsonl"
+    source.write_text(content)
+    result = run_apply(f"checkpoint={checkpoint}", f"input={source}", f"output={tmp_path / 'out.jsonl'}")
+    assert result.returncode != 0
+    assert expected in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out.jsonl").exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.slow
+def test_apply_missing_input_and_bad_checkpoint(checkpoint, tmp_path):
+    result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'nope.jsonl'}", f"output={tmp_path / 'o.jsonl'}")
+    assert result.returncode != 0 and "nope.jsonl: file not found" in result.stderr
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n')
+    result = run_apply(f"checkpoint={tmp_path / 'junk.ckpt'}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}")
+    assert result.returncode != 0 and "junk.ckpt: not a readable checkpoint" in result.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_checkpoint_with_mismatched_embedder(checkpoint, tmp_path_factory):
+    from scheduler import NeuralScheduler
+    from scheduler.embeddings import Embedder
+    from scheduler.tiny import build_tiny_embedder
+
+    other = Embedder(str(build_tiny_embedder(tmp_path_factory.mktemp("other"), dim=16)))
+    with pytest.raises(DataError, match="gives 16-d embeddings; the checkpoint was trained with .*32-d"):
+        NeuralScheduler.load(checkpoint, embedder=other)
+
+
+@pytest.mark.slow
+def test_unknown_config_key_fails(tmp_path):
+    result = run_apply("checkpoint=x.ckpt", "input=a.jsonl", "output=b.jsonl", "batchsize=3")
+    assert result.returncode != 0 and "batchsize" in result.stderr
