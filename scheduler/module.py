@@ -40,7 +40,7 @@ def standardise_known(energy: torch.Tensor) -> torch.Tensor:
 
 class BDSModule(L.LightningModule):
     def __init__(self, posterior: SetPosterior, evidence: LMEvidence | None, n_rows: int, transform: str = "sigmoid",
-                 n_samples: int = 8, likelihood_temperature: float = 2.0, network_lr: float = 5e-3,
+                 n_samples: int = 8, likelihood_temperature: float = 8.0, network_lr: float = 5e-3,
                  lm_lr: float = 1e-3, network_updates: int = 2, langevin_noise: float = 0.0, weight_decay: float = 1e-4):
         super().__init__()
         self.automatic_optimization = False

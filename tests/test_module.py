@@ -1,0 +1,77 @@
+"""The BDS Lightning step: the network follows the LM evidence, the LM learns from the alignment set."""
+
+import lightning as L
+import torch
+from conftest import train_overrides
+from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader
+
+from scheduler.data.datamodule import EmbeddedSet, SetBatch
+from scheduler.data.io import Example
+from scheduler.features import AlignmentBank
+from scheduler.module import BDSModule
+from scheduler.network import SchedulerNetwork, SetPosterior
+from scheduler.prior import SafetyPrior
+from scheduler.training import CONFIG_DIR, build_module, register_resolvers
+from scheduler.transforms import posterior_weights
+
+
+def fit(module: BDSModule, batches: list[SetBatch], steps: int) -> None:
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=1, collate_fn=lambda b: b[0]))
+
+
+def test_network_lowers_weights_of_rows_the_evidence_says_are_unsafe():
+    torch.manual_seed(0)
+    n, dim = 40, 8
+    prompts = torch.nn.functional.normalize(torch.randn(n, dim), dim=-1)
+    bank = AlignmentBank(prompts[:5].clone(), prompts[:5].clone())
+    posterior = SetPosterior(SchedulerNetwork(dim, hidden=32, dropout=0.0), SafetyPrior("constant"), bank, k=2)
+    module = BDSModule(posterior, evidence=None, n_rows=n, network_lr=1e-2)
+    conflict = torch.zeros(n, dtype=torch.bool)
+    conflict[::4] = True  # every fourth row contradicts the alignment set
+    module.energy_bank.copy_(torch.where(conflict, 2.0, 0.0) + 0.1 * torch.randn(n))
+    examples = [Example(f"p{i}", f"r{i}") for i in range(n)]
+    batch = SetBatch(EmbeddedSet("constructed", examples, prompts, prompts, torch.arange(n), conflict.long()))
+    before = posterior(prompts, prompts)
+    fit(module, [batch], steps=60)
+    after = posterior(prompts, prompts)
+    weight, _ = posterior_weights(after.mu.detach(), after.sigma.detach(), "sigmoid")
+    assert weight[conflict].max() < weight[~conflict].min()
+    assert (after.mu[conflict] < before.mu[conflict]).all()
+
+
+def compose_train(overrides: list[str]):
+    register_resolvers()
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        return compose("train", overrides=overrides)
+
+
+def test_co_trained_lm_learns_to_refuse_harmful_prompts(data_dir, tiny_embedder_path, tiny_lm_path, tmp_path):
+    """Refusal evidence comes from the alignment set alone, and the network's weights follow it."""
+    cfg = compose_train(train_overrides(data_dir, tmp_path, tiny_embedder_path, tiny_lm_path) +
+                        ["model.lm_lr=1e-2", "model.prior.kind=constant", "lm.lora_top_layers=null", "lm.lora_rank=16"])
+    from scheduler.embeddings import Embedder
+    import hydra
+
+    datamodule = hydra.utils.instantiate(cfg.data, embedder=Embedder(tiny_embedder_path, show_progress=False))
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    harmful = [e for s in datamodule.train_sets for e in s.examples if e.label == "harmful"][:8]
+    benign = [e for s in datamodule.train_sets for e in s.examples if e.label == "benign"][:8]
+    refusal_before = module.evidence.refusal_loss(harmful).mean() - module.evidence.refusal_loss(benign).mean()
+    fit(module, [b for b in datamodule.train_dataloader()] * 10, steps=60)
+    module.eval()
+    refusal_after = module.evidence.refusal_loss(harmful).mean() - module.evidence.refusal_loss(benign).mean()
+    assert refusal_after < refusal_before and refusal_after < 0  # refusing harmful prompts became likelier
+    bank, labels = module.energy_bank, torch.cat([s.labels for s in datamodule.train_sets])
+    judged = ~torch.isnan(bank)
+    assert bank[judged & (labels == 1)].mean() > bank[judged & (labels == 0)].mean()
+    mixed = [s for s in datamodule.train_sets if 0 < s.labels.sum() < len(s.labels)]
+    gaps = []
+    for s in mixed:
+        post = module.posterior(s.prompts, s.responses)
+        weight, _ = posterior_weights(post.mu, post.sigma, "sigmoid")
+        gaps.append(weight[s.labels == 0].mean() - weight[s.labels == 1].mean())
+    assert torch.stack(gaps).mean() > 0

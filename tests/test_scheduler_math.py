@@ -1,0 +1,76 @@
+"""Transforms, prior, features and the network objective on small hand-checked cases."""
+
+import math
+
+import pytest
+import torch
+
+from scheduler.features import AlignmentBank, relation_features, topk_mean_similarity
+from scheduler.module import standardise_known
+from scheduler.prior import SafetyPrior
+from scheduler.transforms import get_transform, posterior_weights
+
+
+def unit(rows):
+    t = torch.tensor(rows, dtype=torch.float32)
+    return t / t.norm(dim=-1, keepdim=True)
+
+
+def test_softmax_transform_sums_to_n_and_sigmoid_is_bounded():
+    z = torch.tensor([0.0, 1.0, -1.0, 2.0])
+    assert get_transform("softmax")(z).sum().item() == pytest.approx(4.0)
+    assert get_transform("sigmoid")(z)[0].item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="unknown weight transform 'tanh'"):
+        get_transform("tanh")
+
+
+def test_posterior_weights_have_mean_one_and_follow_mu():
+    mu, sigma = torch.tensor([3.0, 0.0, -3.0]), torch.tensor([0.1, 0.1, 0.1])
+    weight, std = posterior_weights(mu, sigma, "sigmoid", n_samples=2000)
+    assert weight.mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert weight[0] > weight[1] > weight[2]
+    expected = torch.sigmoid(mu) / torch.sigmoid(mu).mean()  # sigma is small: E[sigmoid(z)] ~ sigmoid(mu)
+    torch.testing.assert_close(weight, expected, atol=0.01, rtol=0.01)
+    assert (std > 0).all()
+
+
+def test_topk_similarity_by_hand():
+    queries = unit([[1, 0], [0, 1]])
+    keys = unit([[1, 0], [1, 1], [0, 1]])
+    got = topk_mean_similarity(queries, keys, k=2)
+    torch.testing.assert_close(got, torch.tensor([(1 + math.sqrt(0.5)) / 2] * 2))
+    self_sim = topk_mean_similarity(keys, keys, k=1, exclude_self=True)
+    torch.testing.assert_close(self_sim, torch.tensor([math.sqrt(0.5)] * 3))
+
+
+def test_relation_features_columns():
+    bank = AlignmentBank(unit([[1, 0], [1, 0.1]]), unit([[0, 1], [0.1, 1]]))
+    prompts = unit([[1, 0], [0, 1], [0, 1]])
+    relation = relation_features(prompts, prompts, bank, k=1)
+    assert relation[0, 0] > 0.99 and relation[1, 0] < 0.11  # prompt vs alignment prompts
+    assert relation[1, 1] > 0.99  # response vs alignment answers
+    assert relation[1, 2] == pytest.approx(1.0)  # rows 1 and 2 are identical
+    assert relation[:, 3].sum().item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_alignment_prior_is_calibrated_without_labels():
+    prior = SafetyPrior("alignment", benign_mean=2.0, slope=3.0)
+    prior.calibrate(alignment_self_similarity=torch.tensor([0.8, 0.7, 0.9]), training_similarity=torch.tensor([0.2, 0.3, 0.1]))
+    assert prior.standardise(torch.tensor(0.8)).item() == pytest.approx(1.0)
+    assert prior.standardise(torch.tensor(0.2)).item() == pytest.approx(-1.0)
+    assert prior.mean(torch.tensor(0.2)).item() == pytest.approx(5.0)
+    assert SafetyPrior("constant").mean(torch.tensor(0.9)).item() == pytest.approx(2.0)
+
+
+def test_kl_is_zero_at_the_prior_and_positive_elsewhere():
+    prior = SafetyPrior(scale=1.5)
+    assert prior.kl(torch.tensor(1.0), torch.tensor(1.5), torch.tensor(1.0)).item() == pytest.approx(0.0, abs=1e-6)
+    # KL(N(0,1)||N(1,1.5^2)) = log(1.5) + (1 + 1) / (2 * 2.25) - 0.5
+    expected = math.log(1.5) + 2 / 4.5 - 0.5
+    assert prior.kl(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(1.0)).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_standardise_known_ignores_unjudged_rows():
+    energy = torch.tensor([1.0, float("nan"), 3.0])
+    torch.testing.assert_close(standardise_known(energy), torch.tensor([-math.sqrt(0.5), 0.0, math.sqrt(0.5)]))
+    torch.testing.assert_close(standardise_known(torch.tensor([float("nan"), 2.0])), torch.zeros(2))
