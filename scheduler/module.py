@@ -20,6 +20,7 @@ from sklearn.metrics import roc_auc_score
 
 from scheduler.data.datamodule import SetBatch
 from scheduler.evidence import LMEvidence
+from scheduler.features import relation_features
 from scheduler.network import Posterior, SetPosterior
 from scheduler.transforms import get_transform, posterior_weights
 
@@ -41,7 +42,8 @@ def standardise_known(energy: torch.Tensor) -> torch.Tensor:
 class BDSModule(L.LightningModule):
     def __init__(self, posterior: SetPosterior, evidence: LMEvidence | None, n_rows: int, transform: str = "sigmoid",
                  n_samples: int = 8, likelihood_temperature: float = 8.0, network_lr: float = 5e-3,
-                 lm_lr: float = 1e-3, network_updates: int = 2, langevin_noise: float = 0.0, weight_decay: float = 1e-4):
+                 lm_lr: float = 1e-3, network_updates: int = 2, langevin_noise: float = 0.0, weight_decay: float = 1e-4,
+                 density_ratio_weight: float = 0.0):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # the frozen base LM is not stored in checkpoints
@@ -53,6 +55,7 @@ class BDSModule(L.LightningModule):
         self.n_samples, self.temperature = n_samples, likelihood_temperature
         self.network_lr, self.lm_lr, self.weight_decay = network_lr, lm_lr, weight_decay
         self.network_updates, self.langevin_noise = network_updates, langevin_noise
+        self.density_ratio_weight = density_ratio_weight
         self.register_buffer("energy_bank", torch.full((n_rows,), float("nan")))
         self.scheduler_config: dict = {}
 
@@ -63,6 +66,19 @@ class BDSModule(L.LightningModule):
             optimizers.append(torch.optim.AdamW([p for p in self.lm.parameters() if p.requires_grad], lr=self.lm_lr))
         return optimizers
 
+    def set_energy(self, row_ids: torch.Tensor, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        """Standardised LM energy of the judged rows plus, optionally, the embedding density-ratio evidence.
+
+        The density ratio compares how well the alignment set and the row's own set explain the
+        row (k-NN similarity to each): a row that resembles the defender's harmful prompts more
+        than it resembles the data it came with conflicts with the alignment set. No LM, no label.
+        """
+        energy = standardise_known(self.energy_bank[row_ids])
+        if self.density_ratio_weight:
+            relation = relation_features(prompts, responses, self.posterior.bank, self.posterior.k)
+            energy = energy + self.density_ratio_weight * standardise_known(relation[:, 0] - relation[:, 2])
+        return energy
+
     def transfer_batch_to_device(self, batch: SetBatch, device: torch.device, dataloader_idx: int) -> SetBatch:
         """Tensors are moved where they are used; the batch also holds raw text for the LM."""
         return batch
@@ -70,7 +86,7 @@ class BDSModule(L.LightningModule):
     def network_loss(self, posterior: Posterior, energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(expected weighted energy, mean KL to the prior), both per sample."""
         weights = self.weight_fn(posterior.sample(self.n_samples))
-        data = (weights * standardise_known(energy)).mean(0).mean() * self.temperature
+        data = (weights * energy).mean(0).mean() * self.temperature
         kl = self.posterior.prior.kl(posterior.mu, posterior.sigma, posterior.prior_mean).mean()
         return data, kl
 
@@ -96,7 +112,7 @@ class BDSModule(L.LightningModule):
             with torch.no_grad():
                 current = self.posterior(prompts, responses)
             self._lm_step(batch, current, optimizers[1])
-        energy = self.energy_bank[batch.set.row_ids.to(self.device)]
+        energy = self.set_energy(batch.set.row_ids.to(self.device), prompts, responses)
         for _ in range(self.network_updates):
             data, kl = self.network_loss(self.posterior(prompts, responses), energy)
             optimizers[0].zero_grad()

@@ -19,6 +19,8 @@ from scheduler.evidence import LMEvidence
 from scheduler.features import AlignmentBank, alignment_similarity, topk_mean_similarity
 from scheduler.lm import load_lm
 from scheduler.module import BDSModule
+from scheduler.network import SetPosterior
+from scheduler.prior import SafetyPrior
 from scheduler.scoring import build_posterior
 
 log = logging.getLogger(__name__)
@@ -33,33 +35,48 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
 
 
-def scheduler_config(cfg: DictConfig, embedder: Embedder) -> dict[str, Any]:
+def scheduler_config(model_cfg: DictConfig, embedder: Embedder, full_cfg: DictConfig | None = None) -> dict[str, Any]:
     """What the checkpoint must carry to rebuild and use the network without the training config."""
     return {"embedder": embedder.name, "embedder_max_seq_length": embedder.max_seq_length, "embed_dim": embedder.dim,
-            "k": cfg.model.k, "network": OmegaConf.to_container(cfg.model.network),
-            "prior": OmegaConf.to_container(cfg.model.prior), "signal": cfg.model.signal,
-            "transform": cfg.model.transform, "family": "gaussian-logit",
-            "config": OmegaConf.to_container(cfg, resolve=True)}
+            "k": model_cfg.k, "network": OmegaConf.to_container(model_cfg.network),
+            "prior": OmegaConf.to_container(model_cfg.prior), "signal": model_cfg.signal,
+            "transform": model_cfg.transform, "family": "gaussian-logit",
+            "config": OmegaConf.to_container(full_cfg, resolve=True) if full_cfg is not None else None}
+
+
+def calibrate_prior(prior: SafetyPrior, bank: AlignmentBank, training_prompts: torch.Tensor, k: int) -> SafetyPrior:
+    """Calibrate (label-free) on the alignment set's self-similarity and the training rows' similarity to it."""
+    prior.calibrate(topk_mean_similarity(bank.prompts, bank.prompts, k, exclude_self=True),
+                    alignment_similarity(training_prompts, bank, k))
+    return prior
+
+
+def calibrated_posterior(config: dict[str, Any], bank: AlignmentBank, training_prompts: torch.Tensor) -> SetPosterior:
+    """A fresh SetPosterior whose prior is calibrated on the alignment set and the training rows."""
+    posterior = build_posterior(config, bank)
+    calibrate_prior(posterior.prior, bank, training_prompts, config["k"])
+    return posterior
+
+
+def make_module(model_cfg: DictConfig, posterior: SetPosterior, evidence: LMEvidence | None, n_rows: int) -> BDSModule:
+    return BDSModule(posterior, evidence, n_rows=n_rows, transform=model_cfg.transform, n_samples=model_cfg.n_samples,
+                     likelihood_temperature=model_cfg.likelihood_temperature, network_lr=model_cfg.network_lr,
+                     lm_lr=model_cfg.lm_lr, network_updates=model_cfg.network_updates,
+                     langevin_noise=model_cfg.langevin_noise, density_ratio_weight=model_cfg.density_ratio_weight)
 
 
 def build_module(cfg: DictConfig, datamodule: FineTuningSetsDataModule) -> BDSModule:
-    """The BDSModule with a prior calibrated (label-free) on the alignment set and the training rows."""
-    bank = AlignmentBank(*datamodule.alignment_embeddings())
-    config = scheduler_config(cfg, datamodule.embedder)
-    posterior = build_posterior(config, bank)
+    """The BDSModule for a training run: calibrated posterior plus, unless disabled, the co-trained LM."""
+    config = scheduler_config(cfg.model, datamodule.embedder, cfg)
     training_prompts = torch.cat([s.prompts for s in datamodule.train_sets])
-    posterior.prior.calibrate(topk_mean_similarity(bank.prompts, bank.prompts, cfg.model.k, exclude_self=True),
-                              alignment_similarity(training_prompts, bank, cfg.model.k))
+    posterior = calibrated_posterior(config, AlignmentBank(*datamodule.alignment_embeddings()), training_prompts)
     evidence = None
     if cfg.lm.get("name_or_path") and cfg.model.signal != "none":
         model, tokenizer = load_lm(cfg.lm.name_or_path, cfg.lm.lora_rank, cfg.lm.lora_alpha, cfg.lm.lora_top_layers,
                                    tuple(cfg.lm.target_modules))
         evidence = LMEvidence(model, tokenizer, cfg.model.signal, cfg.model.refusal, cfg.lm.max_prompt_tokens,
                               cfg.lm.max_response_tokens, cfg.lm.precision)
-    module = BDSModule(posterior, evidence, n_rows=datamodule.n_train_rows, transform=cfg.model.transform,
-                       n_samples=cfg.model.n_samples, likelihood_temperature=cfg.model.likelihood_temperature,
-                       network_lr=cfg.model.network_lr, lm_lr=cfg.model.lm_lr, network_updates=cfg.model.network_updates,
-                       langevin_noise=cfg.model.langevin_noise)
+    module = make_module(cfg.model, posterior, evidence, datamodule.n_train_rows)
     module.scheduler_config = config
     return module
 

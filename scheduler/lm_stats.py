@@ -1,0 +1,123 @@
+"""LM statistics per sample, computed once and cached on disk (keyed by model, adapter and text).
+
+Validation compares signal designs on thousands of rows and many folds; re-running a
+135M-parameter LM for each would take hours on 2 cores. The LM is an adapter trained on
+the alignment set only (so no held-out row ever reaches it), and for every row we keep:
+- `response_lm`, `response_base`: token-mean NLL of the row's own answer with/without the adapter;
+- `refusal_lm`, `refusal_base`: the same for a fixed refusal given the row's prompt.
+Every evidence signal of `scheduler.evidence` is a function of these four numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from scheduler.cache import cache_root
+from scheduler.data.io import Example
+from scheduler.lm import DEFAULT_REFUSAL, ResponseTokenizer, autocast_context, load_lm, response_nll
+
+log = logging.getLogger(__name__)
+STATS = ("response_lm", "response_base", "refusal_lm", "refusal_base")
+
+
+def signal_from_stats(stats: dict[str, np.ndarray], signal: str) -> np.ndarray:
+    """The energy of `signal` (higher = less safe) from cached statistics; mirrors LMEvidence.energy."""
+    formulas = {
+        "loss": lambda s: s["response_lm"],
+        "reference": lambda s: s["response_lm"] - s["response_base"],
+        "refusal": lambda s: -s["refusal_lm"],
+        "refusal_gain": lambda s: s["refusal_base"] - s["refusal_lm"],
+        "margin": lambda s: s["response_lm"] - s["refusal_lm"],
+        "none": lambda s: np.zeros_like(s["response_lm"]),
+    }
+    if signal not in formulas:
+        raise ValueError(f"unknown signal '{signal}'; expected one of {', '.join(formulas)}")
+    return formulas[signal](stats)
+
+
+class AlignedLMStats:
+    """An LM with a LoRA adapter trained on the alignment set, and a disk cache of its per-row statistics."""
+
+    def __init__(self, lm: str, alignment: list[Example], steps: int = 60, batch_size: int = 8, lr: float = 1e-3,
+                 lora_rank: int = 8, lora_top_layers: int | None = 6, max_prompt_tokens: int = 64,
+                 max_response_tokens: int = 32, refusal: str = DEFAULT_REFUSAL, precision: str = "auto", seed: int = 0):
+        self.model, tokenizer = load_lm(lm, lora_rank=lora_rank, lora_alpha=2 * lora_rank, lora_top_layers=lora_top_layers)
+        self.tokenize = ResponseTokenizer(tokenizer, max_prompt_tokens, max_response_tokens)
+        self.refusal, self.precision = refusal, precision
+        recipe = json.dumps([lm, [(e.prompt, e.response) for e in alignment], steps, batch_size, lr, lora_rank,
+                             lora_top_layers, max_prompt_tokens, max_response_tokens, refusal, seed])
+        self.key = hashlib.sha1(recipe.encode()).hexdigest()[:16]
+        self.folder = cache_root() / "lm_stats" / self.key
+        self._train_or_load(alignment, steps, batch_size, lr, seed)
+        self.cache = self._load_cache()
+
+    def _nll(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        with autocast_context(torch.device("cpu"), self.precision):
+            return response_nll(self.model, self.tokenize(prompts, responses)).float()
+
+    def _train_or_load(self, alignment: list[Example], steps: int, batch_size: int, lr: float, seed: int) -> None:
+        from peft import set_peft_model_state_dict
+
+        adapter_file = self.folder / "adapter.pt"
+        if adapter_file.exists():
+            set_peft_model_state_dict(self.model, torch.load(adapter_file))
+            return
+        from peft import get_peft_model_state_dict
+
+        rng = random.Random(seed)
+        optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
+        self.model.train()
+        for _ in tqdm(range(steps), desc="training the alignment adapter"):
+            batch = rng.sample(alignment, batch_size)
+            loss = self._nll([e.prompt for e in batch], [e.response for e in batch]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        self.model.eval()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save(get_peft_model_state_dict(self.model), adapter_file.with_suffix(".tmp"))
+        os.replace(adapter_file.with_suffix(".tmp"), adapter_file)
+
+    def _load_cache(self) -> dict[str, list[float]]:
+        file = self.folder / "stats.json"
+        return json.loads(file.read_text()) if file.exists() else {}
+
+    def _save_cache(self) -> None:
+        file = self.folder / "stats.json"
+        file.with_suffix(".tmp").write_text(json.dumps(self.cache))
+        os.replace(file.with_suffix(".tmp"), file)
+
+    @staticmethod
+    def row_key(example: Example) -> str:
+        return hashlib.sha1(f"{example.prompt}\0{example.response}".encode()).hexdigest()
+
+    @torch.no_grad()
+    def stats(self, examples: list[Example], batch_size: int = 16) -> dict[str, np.ndarray]:
+        """The four statistics for each example, computing only rows not yet in the cache."""
+        missing = list({self.row_key(e): e for e in examples if self.row_key(e) not in self.cache}.items())
+        self.model.eval()
+        for start in tqdm(range(0, len(missing), batch_size), desc="LM statistics", disable=not missing):
+            chunk = missing[start:start + batch_size]
+            prompts = [e.prompt for _, e in chunk]
+            responses = [e.response for _, e in chunk]
+            refusals = [self.refusal] * len(chunk)
+            values = [self._nll(prompts, responses), None, self._nll(prompts, refusals), None]
+            with self.model.disable_adapter():
+                values[1], values[3] = self._nll(prompts, responses), self._nll(prompts, refusals)
+            for row, (key, _) in enumerate(chunk):
+                self.cache[key] = [float(v[row]) for v in values]
+            if (start // batch_size) % 20 == 19:
+                self._save_cache()
+        if missing:
+            self._save_cache()
+        table = np.array([self.cache[self.row_key(e)] for e in examples], dtype=np.float64).reshape(-1, len(STATS))
+        return {name: table[:, i] for i, name in enumerate(STATS)}

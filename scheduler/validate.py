@@ -1,0 +1,211 @@
+"""Validation protocol: do the weights single out harmful rows of tasks and harm categories
+that training never saw, better than an alignment look-up and a supervised filter?
+
+    python -m scheduler.validate                       # quick preset, writes docs/validation/
+    python -m scheduler.validate preset=full designs=[prior_refusal]
+
+Folds (all from the bundled data): leave-one-benign-task-out, and leave-harm-categories-out.
+For every fold and design the scheduler network is trained with the BDS objective on many
+fine-tuning sets built from the training side only, then scores evaluation sets it never saw
+(harmful ratio p in `eval_ratios`, plus a length-balanced set). LM evidence comes from an LM
+whose adapter is trained on the alignment set only, cached per row (`scheduler.lm_stats`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from scheduler.baselines import SupervisedFilter, alignment_lookup
+from scheduler.data.datamodule import EmbeddedSet, SetBatch, embed_sets
+from scheduler.data.io import Example, write_rows
+from scheduler.data.mixing import FineTuningSet, build_training_sets, categories_of, mix, read_pool, read_tasks
+from scheduler.embeddings import Embedder
+from scheduler.features import AlignmentBank
+from scheduler.lm_stats import AlignedLMStats, signal_from_stats
+from scheduler.metrics import detection_metrics
+from scheduler.prior import SafetyPrior
+from scheduler.training import (CONFIG_DIR, calibrate_prior, calibrated_posterior, make_module, register_resolvers,
+                                scheduler_config)
+from scheduler.transforms import posterior_weights
+
+log = logging.getLogger(__name__)
+BASELINES = ("alignment_lookup", "supervised_filter")
+
+
+@dataclass
+class Fold:
+    name: str
+    train_tasks: dict[str, list[Example]]
+    train_harmful: list[Example]
+    eval_benign: list[Example]
+    eval_harmful: list[Example]
+
+
+def first_sentence(text: str) -> str:
+    return re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+
+
+def make_folds(cfg: DictConfig, tasks: dict[str, list[Example]], harmful: list[Example]) -> list[Fold]:
+    """Training pools never contain the held-out task or any row of a held-out category (asserted in tests)."""
+    rng = random.Random(cfg.seed)
+    pools = {name: rng.sample(rows, min(cfg.rows_per_task, len(rows))) for name, rows in tasks.items()}
+    pooled = {e for rows in pools.values() for e in rows}
+    held = {name: [e for e in rows if e not in pooled] for name, rows in tasks.items()}
+    shuffled = rng.sample(harmful, len(harmful))
+    cut = round(len(shuffled) * (1 - cfg.eval_harmful_fraction))
+    train_harmful = shuffled[:cut][: cfg.harmful_pool]
+    folds = [Fold(f"task:{name}", {t: p for t, p in pools.items() if t != name}, train_harmful, tasks[name], shuffled[cut:])
+             for name in cfg.task_folds or sorted(tasks)]
+    for group in cfg.category_folds:
+        group = set(group)
+        train = [e for e in shuffled[:cut] if not categories_of(e) & group and categories_of(e)][: cfg.harmful_pool]
+        evaluation = [e for e in shuffled if categories_of(e) & group]
+        benign = [e for rows in held.values() for e in rows]
+        folds.append(Fold(f"categories:{'+'.join(sorted(group))}", pools, train, benign, evaluation))
+    return folds
+
+
+def eval_sets(fold: Fold, cfg: DictConfig, seed: int) -> list[FineTuningSet]:
+    """Sets at each harmful ratio, plus one where half the harmful answers are cut to their first sentence."""
+    rng = random.Random(seed)
+    sets = [mix(f"p={p}", fold.eval_benign, fold.eval_harmful, cfg.eval_set_size, p, rng) for p in cfg.eval_ratios]
+    cut = [Example(e.prompt, first_sentence(e.response) if i % 2 else e.response, e.row)
+           for i, e in enumerate(fold.eval_harmful)]
+    sets.append(mix("length_balanced", fold.eval_benign, cut, cfg.eval_set_size, 0.1, rng))
+    return sets
+
+
+def fill_energy(module, sets: list[EmbeddedSet], stats: AlignedLMStats | None, signal: str) -> None:
+    if signal == "none" or stats is None:
+        return
+    for s in sets:
+        module.energy_bank[s.row_ids] = torch.as_tensor(signal_from_stats(stats.stats(s.examples), signal), dtype=torch.float32)
+
+
+def train_network(design: DictConfig, embedder: Embedder, bank: AlignmentBank, train_sets: list[EmbeddedSet],
+                  stats: AlignedLMStats | None, cfg: DictConfig):
+    """The BDS network objective on cached LM evidence (no LM in the loop), the same module as training."""
+    config = scheduler_config(design, embedder)
+    posterior = calibrated_posterior(config, bank, torch.cat([s.prompts for s in train_sets]))
+    module = make_module(design, posterior, None, n_rows=sum(len(s.examples) for s in train_sets))
+    fill_energy(module, train_sets, stats, design.signal)
+    trainer = L.Trainer(max_steps=cfg.network_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    batches = [SetBatch(s) for s in train_sets]
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=1, shuffle=True, collate_fn=lambda b: b[0]))
+    return module.posterior.eval(), design.transform
+
+
+def score_design(posterior, transform: str, s: EmbeddedSet) -> np.ndarray:
+    with torch.no_grad():
+        post = posterior(s.prompts, s.responses)
+        return posterior_weights(post.mu, post.sigma, transform)[0].numpy()
+
+
+def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBank, stats: AlignedLMStats | None,
+             designs: dict[str, DictConfig]) -> list[dict]:
+    train = build_training_sets(fold.train_tasks, fold.train_harmful, cfg.n_train_sets, cfg.set_sizes,
+                                cfg.harmful_ratios, cfg.seed)
+    train_sets = embed_sets(train, embedder)
+    evaluation = embed_sets(eval_sets(fold, cfg, cfg.seed + 1), embedder)
+    scorers = {}
+    for name, design in designs.items():
+        posterior, transform = train_network(design, embedder, bank, train_sets, stats, cfg)
+        scorers[name] = lambda s, p=posterior, t=transform: score_design(p, t, s)
+    lookup_prior = calibrate_prior(SafetyPrior(**cfg.model.prior), bank, torch.cat([s.prompts for s in train_sets]), cfg.k)
+    scorers["alignment_lookup"] = lambda s: alignment_lookup(s.prompts, bank, cfg.k, lookup_prior)
+    pool = [e for rows in fold.train_tasks.values() for e in rows] + fold.train_harmful
+    pool_embedded = embed_sets([FineTuningSet("pool", pool)], embedder)[0]
+    supervised = SupervisedFilter().fit(pool_embedded.prompts, pool_embedded.responses, pool_embedded.labels.numpy())
+    scorers["supervised_filter"] = lambda s: supervised.weights(s.prompts, s.responses)
+    return [{"fold": fold.name, "set": s.name, "method": method, **detection_metrics(s.labels.numpy(), score(s))}
+            for s in evaluation for method, score in scorers.items()]
+
+
+def summarise(results: list[dict], methods: list[str]) -> list[dict]:
+    """Per method: mean and worst-fold AUROC at p = 0.1, AUPRC, harmful share, benign kept at p = 0."""
+    def values(method, set_name, key):
+        return [r[key] for r in results if r["method"] == method and r["set"] == set_name]
+
+    table = []
+    for method in methods:
+        auroc = values(method, "p=0.1", "auroc")
+        table.append({"method": method, "auroc_p0.1_mean": float(np.mean(auroc)), "auroc_p0.1_worst": float(np.min(auroc)),
+                      "auroc_p0.05_worst": float(np.min(values(method, "p=0.05", "auroc"))),
+                      "auroc_p0.3_worst": float(np.min(values(method, "p=0.3", "auroc"))),
+                      "auroc_length_balanced_worst": float(np.min(values(method, "length_balanced", "auroc"))),
+                      "auprc_p0.1_mean": float(np.mean(values(method, "p=0.1", "auprc"))),
+                      "harmful_share_p0.1_mean": float(np.mean(values(method, "p=0.1", "harmful_weight_share"))),
+                      "benign_kept_p0_worst": float(np.min(values(method, "p=0.0", "benign_kept")))})
+    return sorted(table, key=lambda row: -row["auroc_p0.1_worst"])
+
+
+def markdown(table: list[dict]) -> str:
+    keys = list(table[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in keys) + " |"
+              for row in table]
+    return "\n".join(lines)
+
+
+def per_fold_table(results: list[dict], methods: list[str]) -> str:
+    folds = sorted({r["fold"] for r in results})
+    lines = ["| fold | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
+    for fold in folds:
+        cells = [next(r["auroc"] for r in results if r["fold"] == fold and r["method"] == m and r["set"] == "p=0.1")
+                 for m in methods]
+        lines.append(f"| {fold} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def validate(cfg: DictConfig) -> list[dict]:
+    start = time.time()
+    L.seed_everything(cfg.seed)
+    embedder = hydra.utils.instantiate(cfg.embedder)
+    alignment = read_pool([cfg.alignment_file], cfg.root)
+    tasks = read_tasks(cfg.tasks, cfg.root)
+    harmful = read_pool(cfg.harmful_files, cfg.root)
+    bank = AlignmentBank(*(torch.from_numpy(embedder.encode([getattr(e, f) or " " for e in alignment]))
+                           for f in ("prompt", "response")))
+    designs = {name: OmegaConf.merge(cfg.model, overrides) for name, overrides in cfg.designs.items()
+               if not cfg.only or name in cfg.only}
+    needs_lm = any(d.signal != "none" for d in designs.values())
+    stats = AlignedLMStats(cfg.lm.name_or_path, alignment, **cfg.lm.adapter) if needs_lm else None
+    results = []
+    for fold in make_folds(cfg, tasks, harmful):
+        log.info("fold %s", fold.name)
+        results += run_fold(fold, cfg, embedder, bank, stats, designs)
+    methods = [*designs, *BASELINES]
+    table = summarise(results, methods)
+    out = Path(cfg.output_dir)
+    write_rows(results, out / "validation_results.jsonl")
+    report = (f"# Validation ({cfg.preset})\n\nCommand: `python -m scheduler.validate {' '.join(cfg.get('argv', []))}`"
+              f"\n\nWall time: {time.time() - start:.0f} s\n\n## Summary (sorted by worst-fold AUROC at p = 0.1)\n\n"
+              f"{markdown(table)}\n\n## AUROC at p = 0.1 per fold\n\n{per_fold_table(results, methods)}\n")
+    (out / "validation.md").write_text(report)
+    (out / "validation_summary.json").write_text(json.dumps(table, indent=1))
+    print(report)
+    return table
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="validate", version_base=None)
+def main(cfg: DictConfig) -> None:
+    validate(cfg)
+
+
+if __name__ == "__main__":
+    register_resolvers()
+    main()
