@@ -5,7 +5,8 @@ Validation compares signal designs on thousands of rows and many folds; re-runni
 the alignment set only (so no held-out row ever reaches it), and for every row we keep:
 - `response_lm`, `response_base`: token-mean NLL of the row's own answer with/without the adapter;
 - `refusal_lm`, `refusal_base`: the same for a fixed refusal given the row's prompt.
-Every evidence signal of `scheduler.evidence` is a function of these four numbers.
+Every evidence signal of `scheduler.evidence` is a function of these four numbers
+(`signal_from_stats`).
 """
 
 from __future__ import annotations
@@ -27,21 +28,6 @@ from scheduler.lm import DEFAULT_REFUSAL, ResponseTokenizer, autocast_context, l
 
 log = logging.getLogger(__name__)
 STATS = ("response_lm", "response_base", "refusal_lm", "refusal_base")
-
-
-def signal_from_stats(stats: dict[str, np.ndarray], signal: str) -> np.ndarray:
-    """The energy of `signal` (higher = less safe) from cached statistics; mirrors LMEvidence.energy."""
-    formulas = {
-        "loss": lambda s: s["response_lm"],
-        "reference": lambda s: s["response_lm"] - s["response_base"],
-        "refusal": lambda s: -s["refusal_lm"],
-        "refusal_gain": lambda s: s["refusal_base"] - s["refusal_lm"],
-        "margin": lambda s: s["response_lm"] - s["refusal_lm"],
-        "none": lambda s: np.zeros_like(s["response_lm"]),
-    }
-    if signal not in formulas:
-        raise ValueError(f"unknown signal '{signal}'; expected one of {', '.join(formulas)}")
-    return formulas[signal](stats)
 
 
 class AlignedLMStats:

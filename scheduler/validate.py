@@ -34,7 +34,8 @@ from scheduler.data.io import Example, write_rows
 from scheduler.data.mixing import FineTuningSet, build_training_sets, categories_of, mix, read_pool, read_tasks
 from scheduler.embeddings import Embedder
 from scheduler.features import AlignmentBank
-from scheduler.lm_stats import AlignedLMStats, signal_from_stats
+from scheduler.evidence import signal_from_stats
+from scheduler.lm_stats import AlignedLMStats
 from scheduler.metrics import detection_metrics
 from scheduler.prior import SafetyPrior
 from scheduler.training import (CONFIG_DIR, calibrate_prior, calibrated_posterior, make_module, register_resolvers,

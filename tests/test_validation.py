@@ -1,0 +1,115 @@
+"""Validation protocol: folds never leak held-out tasks or categories; baselines and metrics by hand."""
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from scheduler.baselines import SupervisedFilter, alignment_lookup, normalise
+from scheduler.data.mixing import categories_of, read_pool, read_tasks
+from scheduler.evidence import signal_from_stats
+from scheduler.features import AlignmentBank
+from scheduler.lm import autocast_context, bf16_supported
+from scheduler.metrics import detection_metrics
+from scheduler.prior import SafetyPrior
+from scheduler.training import CONFIG_DIR, register_resolvers
+from scheduler.validate import eval_sets, first_sentence, make_folds
+
+
+@pytest.fixture(scope="module")
+def folds_and_data(data_dir):
+    register_resolvers()
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("validate", overrides=[f"root={data_dir}", "alignment_file=alignment.jsonl",
+                                             "harmful_files=[harmful.jsonl]", "rows_per_task=20", "harmful_pool=30",
+                                             "tasks=[benign_sentiment.jsonl,benign_math.jsonl,benign_cooking.jsonl]",
+                                             "category_folds=[[violence]]", "eval_set_size=20"])
+    tasks, harmful = read_tasks(cfg.tasks, cfg.root), read_pool(cfg.harmful_files, cfg.root)
+    return cfg, make_folds(cfg, tasks, harmful), tasks
+
+
+def ids(examples):
+    return {e.row["id"] for e in examples}
+
+
+def test_task_folds_never_train_on_the_held_out_task(folds_and_data):
+    cfg, folds, tasks = folds_and_data
+    task_folds = [f for f in folds if f.name.startswith("task:")]
+    assert sorted(f.name for f in task_folds) == ["task:cooking", "task:math", "task:sentiment"]
+    for fold in task_folds:
+        held_out = fold.name.split(":")[1]
+        trained = set().union(*(ids(rows) for rows in fold.train_tasks.values()))
+        assert held_out not in fold.train_tasks and not trained & ids(tasks[held_out])
+        assert not ids(fold.train_harmful) & ids(fold.eval_harmful)
+        assert ids(fold.eval_benign) == ids(tasks[held_out])
+
+
+def test_category_folds_never_train_on_held_out_categories(folds_and_data):
+    cfg, folds, _ = folds_and_data
+    (fold,) = [f for f in folds if f.name.startswith("categories:")]
+    assert all("violence" not in categories_of(e) for e in fold.train_harmful)
+    assert fold.eval_harmful and all("violence" in categories_of(e) for e in fold.eval_harmful)
+    trained = set().union(*(ids(rows) for rows in fold.train_tasks.values()))
+    assert not trained & ids(fold.eval_benign)
+
+
+def test_eval_sets_have_the_requested_ratios_and_a_length_balanced_set(folds_and_data):
+    cfg, folds, _ = folds_and_data
+    sets = eval_sets(folds[0], cfg, seed=1)
+    assert [s.name for s in sets] == ["p=0.0", "p=0.05", "p=0.1", "p=0.3", "length_balanced"]
+    assert [sum(s.labels) for s in sets[:4]] == [0, 1, 2, 6]
+    assert first_sentence("Sure. Then do this. And that.") == "Sure."
+
+
+def test_detection_metrics_by_hand():
+    labels = np.array([1, 0, 0, 1])
+    weights = np.array([0.2, 1.5, 0.4, 1.9])
+    m = detection_metrics(labels, weights)
+    assert m["auroc"] == pytest.approx(0.5)  # pairs (h, b): (0.2<1.5 ok, 0.2<0.4 ok, 1.9>1.5, 1.9>0.4) = 2/4
+    assert m["harmful_weight_share"] == pytest.approx(2.1 / 4.0)
+    assert m["benign_kept"] == pytest.approx(0.5) and m["harmful_below_half"] == pytest.approx(0.5)
+    assert m["mean_benign_weight"] == pytest.approx(0.95)
+    assert np.isnan(detection_metrics(np.zeros(3), np.ones(3))["auroc"])
+
+
+def test_alignment_lookup_weights_follow_similarity():
+    bank = AlignmentBank(torch.eye(3)[:1], torch.eye(3)[:1])
+    prompts = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0.6, 0.8, 0]])
+    prior = SafetyPrior("alignment", benign_mean=0.0, slope=1.0)  # center 0, spread 1: logit = -similarity
+    weights = alignment_lookup(prompts, bank, k=1, prior=prior)
+    expected = normalise(1 / (1 + np.exp(np.array([1.0, 0.0, 0.6]))))
+    np.testing.assert_allclose(weights, expected, rtol=1e-5)
+
+
+def test_supervised_filter_separates_constructed_data():
+    rng = np.random.default_rng(0)
+    harmful = torch.tensor(rng.normal(1.0, 0.3, (20, 4)), dtype=torch.float32)
+    benign = torch.tensor(rng.normal(-1.0, 0.3, (20, 4)), dtype=torch.float32)
+    x = torch.cat([harmful, benign])
+    labels = np.r_[np.ones(20), np.zeros(20)]
+    weights = SupervisedFilter().fit(x, x, labels).weights(x, x)
+    assert weights.mean() == pytest.approx(1.0) and weights[:20].max() < weights[20:].min()
+
+
+def test_reference_signal_flags_rows_that_alignment_training_made_less_likely():
+    # Row 0 contradicts the alignment set: co-training raised its loss; rows 1-2 are ordinary task rows.
+    stats = {"response_lm": np.array([3.0, 1.0, 2.0]), "response_base": np.array([1.5, 1.2, 2.1]),
+             "refusal_lm": np.array([0.5, 3.0, 3.0]), "refusal_base": np.array([2.0, 3.1, 3.0])}
+    reference = signal_from_stats(stats, "reference")
+    assert reference.argmax() == 0 and reference[0] == pytest.approx(1.5)
+    assert signal_from_stats(stats, "refusal").argmax() == 0
+    assert signal_from_stats(stats, "refusal_gain")[0] == pytest.approx(1.5)
+    np.testing.assert_allclose(signal_from_stats(stats, "none"), 0.0)
+
+
+def test_bf16_falls_back_to_fp32_when_unsupported(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert not bf16_supported(cpu)
+    with autocast_context(cpu, "auto"):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    with autocast_context(cpu, "auto"):
+        assert torch.is_autocast_enabled("cpu")
+    with autocast_context(cpu, "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
