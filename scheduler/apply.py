@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from scheduler.data.io import DataError, Example, iter_examples, write_rows
+from scheduler.metrics import detection_metrics
 from scheduler.scoring import NeuralScheduler, ScoreResult
 
 log = logging.getLogger(__name__)
@@ -23,12 +24,19 @@ class ApplySummary:
     quantiles: dict[str, float]
     output: Path
     histogram: Path | None
+    label_check: dict[str, float] | None = None
 
     def __str__(self) -> str:
         q = "  ".join(f"{name}={value:.3f}" for name, value in self.quantiles.items())
-        return (f"scored {self.rows} rows -> {self.output}\n"
+        text = (f"scored {self.rows} rows -> {self.output}\n"
                 f"weighted below 0.5: {self.below_half} ({self.below_half / self.rows:.1%})\n"
                 f"weight quantiles: {q}" + (f"\nhistogram: {self.histogram}" if self.histogram else ""))
+        if self.label_check:
+            c = self.label_check
+            text += (f"\ncheck against the file's own 'label' column (not used for scoring): AUROC {c['auroc']:.3f}, "
+                     f"harmful share of total weight {c['harmful_weight_share']:.3f}, "
+                     f"mean benign weight {c['mean_benign_weight']:.3f}")
+        return text
 
 
 def read_all(path: Path) -> list[Example]:
@@ -95,4 +103,13 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     hist = plot_histogram(result.weight, output_path.with_suffix(".hist.png")) if histogram else None
     quantiles = dict(zip(["min", "q05", "q25", "median", "q75", "q95", "max"],
                          np.quantile(result.weight, [0, 0.05, 0.25, 0.5, 0.75, 0.95, 1]).tolist(), strict=True))
-    return ApplySummary(len(examples), int((result.weight < 0.5).sum()), quantiles, output_path, hist)
+    return ApplySummary(len(examples), int((result.weight < 0.5).sum()), quantiles, output_path, hist,
+                        label_check(examples, result.weight))
+
+
+def label_check(examples: list[Example], weights: np.ndarray) -> dict[str, float] | None:
+    """Detection metrics when every row carries a harmful/benign `label` (e.g. the bundled demo set)."""
+    labels = [e.label for e in examples]
+    if not set(labels) <= {"harmful", "benign"} or len(set(labels)) < 2:
+        return None
+    return detection_metrics(np.array([label == "harmful" for label in labels]), weights)

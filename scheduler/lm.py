@@ -152,12 +152,16 @@ class ResponseTokenizer:
         return ResponseBatch(ids, attention, scored, window=max(len(r) for _, r in pairs))
 
 
-def response_nll(model: nn.Module, batch: ResponseBatch) -> torch.Tensor:
-    """Per-sample token-mean negative log-likelihood of the response tokens, logits at response positions only."""
+def response_nll(model: nn.Module, batch: ResponseBatch, response_logits_only: bool = True) -> torch.Tensor:
+    """Per-sample token-mean negative log-likelihood of the response tokens.
+
+    With `response_logits_only` the 49k-wide LM head runs only at response positions
+    (`False` is the naive reference the LM benchmark compares against).
+    """
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     keep = batch.window + 1
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions,
-                logits_to_keep=keep)
+                logits_to_keep=keep if response_logits_only else 0)
     logits = out.logits[:, -keep:-1].float()
     targets = batch.input_ids[:, -batch.window:]
     mask = batch.response_mask[:, -batch.window:].float()

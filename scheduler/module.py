@@ -76,7 +76,9 @@ class BDSModule(L.LightningModule):
         energy = standardise_known(self.energy_bank[row_ids])
         if self.density_ratio_weight:
             relation = relation_features(prompts, responses, self.posterior.bank, self.posterior.k)
-            energy = energy + self.density_ratio_weight * standardise_known(relation[:, 0] - relation[:, 2])
+            ratio = relation[:, 0] - relation[:, 2]
+            # In the prior's similarity units, not the set's spread: a clean set keeps a small spread.
+            energy = energy + self.density_ratio_weight * (ratio - ratio.median()) / self.posterior.prior.spread
         return energy
 
     def transfer_batch_to_device(self, batch: SetBatch, device: torch.device, dataloader_idx: int) -> SetBatch:
