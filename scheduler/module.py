@@ -6,7 +6,9 @@ Each step sees one fine-tuning set and alternates two updates (manual optimisati
 - scheduler network: E_q[sum_i T(z_i) E_i] / N + KL(q || prior), with reparameterised
   samples z ~ q and the LM's energies E_i detached (optionally with Langevin noise).
 Energies are kept in a bank indexed by row id and refreshed whenever the LM visits a row,
-so the network learns from every row the LM has judged, not only the current batch.
+so the network learns from every row the LM has judged, not only the current batch. The
+network is cheap and the LM is not: after `lm_steps` the LM stops and the network goes on
+learning from the bank (all steps when `lm_steps` is None).
 Harmful/benign labels are used only to log validation metrics.
 """
 
@@ -43,7 +45,7 @@ class BDSModule(L.LightningModule):
     def __init__(self, posterior: SetPosterior, evidence: LMEvidence | None, n_rows: int, transform: str = "sigmoid",
                  n_samples: int = 8, likelihood_temperature: float = 8.0, network_lr: float = 5e-3,
                  lm_lr: float = 1e-3, network_updates: int = 2, langevin_noise: float = 0.0, weight_decay: float = 1e-4,
-                 density_ratio_weight: float = 0.0):
+                 density_ratio_weight: float = 0.0, lm_steps: int | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # the frozen base LM is not stored in checkpoints
@@ -55,7 +57,7 @@ class BDSModule(L.LightningModule):
         self.n_samples, self.temperature = n_samples, likelihood_temperature
         self.network_lr, self.lm_lr, self.weight_decay = network_lr, lm_lr, weight_decay
         self.network_updates, self.langevin_noise = network_updates, langevin_noise
-        self.density_ratio_weight = density_ratio_weight
+        self.density_ratio_weight, self.lm_steps = density_ratio_weight, lm_steps
         self.register_buffer("energy_bank", torch.full((n_rows,), float("nan")))
         self.scheduler_config: dict = {}
 
@@ -110,7 +112,7 @@ class BDSModule(L.LightningModule):
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         prompts, responses = batch.set.prompts.to(self.device), batch.set.responses.to(self.device)
-        if self.lm is not None and batch.lm_rows:
+        if self.lm is not None and batch.lm_rows and (self.lm_steps is None or self.global_step < self.lm_steps):
             with torch.no_grad():
                 current = self.posterior(prompts, responses)
             self._lm_step(batch, current, optimizers[1])

@@ -62,7 +62,8 @@ def make_module(model_cfg: DictConfig, posterior: SetPosterior, evidence: LMEvid
     return BDSModule(posterior, evidence, n_rows=n_rows, transform=model_cfg.transform, n_samples=model_cfg.n_samples,
                      likelihood_temperature=model_cfg.likelihood_temperature, network_lr=model_cfg.network_lr,
                      lm_lr=model_cfg.lm_lr, network_updates=model_cfg.network_updates,
-                     langevin_noise=model_cfg.langevin_noise, density_ratio_weight=model_cfg.density_ratio_weight)
+                     langevin_noise=model_cfg.langevin_noise, density_ratio_weight=model_cfg.density_ratio_weight,
+                     lm_steps=model_cfg.get("lm_steps"))
 
 
 def build_module(cfg: DictConfig, datamodule: FineTuningSetsDataModule) -> BDSModule:

@@ -50,8 +50,9 @@ def compose_train(overrides: list[str]):
 
 def test_co_trained_lm_learns_to_refuse_harmful_prompts(data_dir, tiny_embedder_path, tiny_lm_path, tmp_path):
     """Refusal evidence comes from the alignment set alone, and the network's weights follow it."""
+    L.seed_everything(0)
     cfg = compose_train(train_overrides(data_dir, tmp_path, tiny_embedder_path, tiny_lm_path) +
-                        ["model.lm_lr=1e-2", "model.prior.kind=constant", "lm.lora_top_layers=null", "lm.lora_rank=16"])
+                        ["model.lm_lr=1e-2", "model.prior.kind=constant", "lm.lora_top_layers=null", "lm.lora_rank=16", "model.lm_steps=60"])
     from scheduler.embeddings import Embedder
     import hydra
 
@@ -61,7 +62,7 @@ def test_co_trained_lm_learns_to_refuse_harmful_prompts(data_dir, tiny_embedder_
     harmful = [e for s in datamodule.train_sets for e in s.examples if e.label == "harmful"][:8]
     benign = [e for s in datamodule.train_sets for e in s.examples if e.label == "benign"][:8]
     refusal_before = module.evidence.refusal_loss(harmful).mean() - module.evidence.refusal_loss(benign).mean()
-    fit(module, [b for b in datamodule.train_dataloader()] * 10, steps=60)
+    fit(module, [b for b in datamodule.train_dataloader()] * 50, steps=240)
     module.eval()
     refusal_after = module.evidence.refusal_loss(harmful).mean() - module.evidence.refusal_loss(benign).mean()
     assert refusal_after < refusal_before and refusal_after < 0  # refusing harmful prompts became likelier
