@@ -27,6 +27,7 @@ SETTINGS = {
     "tuned": {"max_prompt_tokens": 64, "max_response_tokens": 32, "lora_top_layers": 6, "precision": "auto",
               "response_logits_only": True},
 }
+SETTINGS["tuned-fp32"] = {**SETTINGS["tuned"], "precision": "fp32"}  # what a CPU without native bf16 runs
 
 
 def _rows(n: int, seed: int = 0):
@@ -66,7 +67,7 @@ def bench_lm(name: str, n_rows: int, steps: int) -> None:
             with torch.no_grad():
                 nll(ft, [DEFAULT_REFUSAL] * len(ft))
         per_step = (time.perf_counter() - start) / steps
-        print(f"{label:6s} per-sample loss: {rows_per_s:6.2f} rows/s   BDS step (8 ft + 8 alignment, refusal): "
+        print(f"{label:10s} per-sample loss: {rows_per_s:6.2f} rows/s   BDS step (8 ft + 8 alignment, refusal): "
               f"{per_step:6.2f} s   settings: {s}", flush=True)
 
 
