@@ -1,7 +1,6 @@
 """Train the amortised Bayesian Data Scheduler (see conf/train.yaml), then score the demo set."""
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -9,7 +8,7 @@ from omegaconf import DictConfig
 from scheduler.apply import apply_scheduler
 from scheduler.data.io import DataError
 from scheduler.data.mixing import resolve_path
-from scheduler.training import CONFIG_DIR, PROJECT_ROOT, register_resolvers, train
+from scheduler.training import CONFIG_DIR, PROJECT_ROOT, register_resolvers, run_dir, train
 
 register_resolvers()
 
@@ -21,7 +20,7 @@ def main(cfg: DictConfig) -> None:
         print(f"checkpoint: {checkpoint}")
         if cfg.get("demo_input"):
             demo = resolve_path(cfg.demo_input, PROJECT_ROOT)
-            print(apply_scheduler(checkpoint, demo, Path(cfg.out_dir) / f"{demo.stem}.scored.jsonl"))
+            print(apply_scheduler(checkpoint, demo, run_dir(cfg) / f"{demo.stem}.scored.jsonl"))
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

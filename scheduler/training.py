@@ -95,10 +95,19 @@ def save_atomically(trainer: L.Trainer, path: Path) -> Path:
     return path
 
 
+def run_dir(cfg: DictConfig) -> Path:
+    """`out_dir`, or under a `-m` sweep the job's own folder `<out_dir>/<job number>`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.out_dir)
+
+
 def train(cfg: DictConfig) -> Path:
     """Train and return the path of the final scoring checkpoint, `<out_dir>/scheduler.ckpt`."""
     L.seed_everything(cfg.seed, workers=True)
-    out_dir = Path(cfg.out_dir)
+    out_dir = run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     embedder = hydra.utils.instantiate(cfg.embedder)
     datamodule = hydra.utils.instantiate(cfg.data, embedder=embedder)

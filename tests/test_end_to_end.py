@@ -70,3 +70,10 @@ def test_resume_from_last_checkpoint(trained, data_dir, tiny_embedder_path, tiny
     result = run("train_scheduler.py", *overrides, f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "demo_input=null")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "scheduler.ckpt").is_file()
+
+
+def test_multirun_sweep_writes_one_checkpoint_per_job(data_dir, tiny_embedder_path, tiny_lm_path, tmp_path):
+    overrides = train_overrides(data_dir, tmp_path, tiny_embedder_path, tiny_lm_path, steps=2)
+    result = run("train_scheduler.py", "-m", *overrides, "seed=0,1", "demo_input=null")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "0" / "scheduler.ckpt").is_file() and (tmp_path / "1" / "scheduler.ckpt").is_file()
