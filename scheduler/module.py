@@ -59,6 +59,8 @@ class BDSModule(L.LightningModule):
         self.network_updates, self.langevin_noise = network_updates, langevin_noise
         self.density_ratio_weight, self.lm_steps = density_ratio_weight, lm_steps
         self.register_buffer("energy_bank", torch.full((n_rows,), float("nan")))
+        # Lightning's global_step counts every optimizer step under manual optimisation; count LM steps here.
+        self.register_buffer("lm_steps_done", torch.tensor(0))
         self.scheduler_config: dict = {}
 
     def configure_optimizers(self):
@@ -104,6 +106,7 @@ class BDSModule(L.LightningModule):
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
+        self.lm_steps_done += 1
         self.energy_bank[batch.set.row_ids[rows].to(self.device)] = self.evidence.energy(examples, ft_loss.detach()).to(self.energy_bank)
         self.log_dict({"train/lm_loss": loss.detach(), "train/alignment_loss": align_loss.mean().detach(),
                        "train/ft_loss": ft_loss.mean().detach()}, batch_size=len(rows))
@@ -112,7 +115,7 @@ class BDSModule(L.LightningModule):
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         prompts, responses = batch.set.prompts.to(self.device), batch.set.responses.to(self.device)
-        if self.lm is not None and batch.lm_rows and (self.lm_steps is None or self.global_step < self.lm_steps):
+        if self.lm is not None and batch.lm_rows and (self.lm_steps is None or self.lm_steps_done < self.lm_steps):
             with torch.no_grad():
                 current = self.posterior(prompts, responses)
             self._lm_step(batch, current, optimizers[1])
@@ -123,7 +126,7 @@ class BDSModule(L.LightningModule):
             self.manual_backward(data + kl)
             optimizers[0].step()
             self._langevin(optimizers[0])
-        self.log_dict({"train/energy_term": data.detach(), "train/kl": kl.detach(),
+        self.log_dict({"train/energy_term": data.detach(), "train/kl": kl.detach(), "train/lm_steps": self.lm_steps_done.float(),
                        "train/judged_rows": (~torch.isnan(self.energy_bank)).float().sum()}, prog_bar=True, batch_size=1)
 
     @torch.no_grad()

@@ -65,6 +65,7 @@ def test_co_trained_lm_learns_to_refuse_harmful_prompts(data_dir, tiny_embedder_
     fit(module, [b for b in datamodule.train_dataloader()] * 50, steps=240)
     module.eval()
     refusal_after = module.evidence.refusal_loss(harmful).mean() - module.evidence.refusal_loss(benign).mean()
+    assert module.lm_steps_done.item() == 60  # the LM co-trains for exactly model.lm_steps steps
     assert refusal_after < refusal_before and refusal_after < 0  # refusing harmful prompts became likelier
     bank, labels = module.energy_bank, torch.cat([s.labels for s in datamodule.train_sets])
     judged = ~torch.isnan(bank)
