@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +12,6 @@ from tqdm import tqdm
 from scheduler.data.io import DataError, Example, iter_examples, write_rows
 from scheduler.metrics import detection_metrics
 from scheduler.scoring import NeuralScheduler, ScoreResult
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

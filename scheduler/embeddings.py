@@ -15,10 +15,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from scheduler.cache import cache_root
-
-log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 
@@ -86,6 +85,12 @@ class Embedder:
                 if use_cache:
                     self._store(key, vector.astype(np.float32))
         return out
+
+    def embed_examples(self, examples: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt, response) embeddings of Examples; an empty response is embedded as a space."""
+        prompts = self.encode([e.prompt for e in examples])
+        responses = self.encode([e.response or " " for e in examples])
+        return torch.from_numpy(prompts), torch.from_numpy(responses)
 
     def _store(self, key: str, vector: np.ndarray) -> None:
         file = self._cache_file(key)

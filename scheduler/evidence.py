@@ -29,6 +29,7 @@ SIGNAL_FORMULAS = {
     "none": ((), None),
 }
 SIGNALS = tuple(SIGNAL_FORMULAS)
+STATISTICS = ("response_lm", "response_base", "refusal_lm", "refusal_base")
 
 
 def signal_from_stats(stats: dict, signal: str):
@@ -67,9 +68,9 @@ class LMEvidence:
         return self._nll([e.prompt for e in examples], [self.refusal] * len(examples))
 
     @torch.no_grad()
-    def energy(self, examples: list[Example], response_loss: torch.Tensor | None = None) -> torch.Tensor:
-        """Higher energy = the LM's evidence says the sample is less safe."""
-        needed, _ = SIGNAL_FORMULAS[self.signal]
+    def statistics(self, examples: list[Example], needed: tuple[str, ...] = STATISTICS,
+                   response_loss: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The `needed` per-row statistics; the `_base` ones run with the adapter disabled."""
         stats = {"response_lm": response_loss if response_loss is not None else self.response_loss(examples)}
         if "refusal_lm" in needed:
             stats["refusal_lm"] = self.refusal_loss(examples)
@@ -77,4 +78,10 @@ class LMEvidence:
             with self.model.disable_adapter():
                 stats["response_base"] = self.response_loss(examples)
                 stats["refusal_base"] = self.refusal_loss(examples)
-        return signal_from_stats(stats, self.signal).detach()
+        return stats
+
+    @torch.no_grad()
+    def energy(self, examples: list[Example], response_loss: torch.Tensor | None = None) -> torch.Tensor:
+        """Higher energy = the LM's evidence says the sample is less safe."""
+        needed, _ = SIGNAL_FORMULAS[self.signal]
+        return signal_from_stats(self.statistics(examples, needed, response_loss), self.signal).detach()

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,10 +22,8 @@ from tqdm import tqdm
 
 from scheduler.cache import cache_root
 from scheduler.data.io import Example
-from scheduler.lm import DEFAULT_REFUSAL, ResponseTokenizer, autocast_context, load_lm, response_nll
-
-log = logging.getLogger(__name__)
-STATS = ("response_lm", "response_base", "refusal_lm", "refusal_base")
+from scheduler.evidence import STATISTICS, LMEvidence
+from scheduler.lm import DEFAULT_REFUSAL, load_lm
 
 
 class AlignedLMStats:
@@ -37,18 +33,13 @@ class AlignedLMStats:
                  lora_rank: int = 8, lora_top_layers: int | None = 6, max_prompt_tokens: int = 64,
                  max_response_tokens: int = 32, refusal: str = DEFAULT_REFUSAL, precision: str = "auto", seed: int = 0):
         self.model, tokenizer = load_lm(lm, lora_rank=lora_rank, lora_alpha=2 * lora_rank, lora_top_layers=lora_top_layers)
-        self.tokenize = ResponseTokenizer(tokenizer, max_prompt_tokens, max_response_tokens)
-        self.refusal, self.precision = refusal, precision
+        self.evidence = LMEvidence(self.model, tokenizer, "none", refusal, max_prompt_tokens, max_response_tokens, precision)
         recipe = json.dumps([lm, [(e.prompt, e.response) for e in alignment], steps, batch_size, lr, lora_rank,
                              lora_top_layers, max_prompt_tokens, max_response_tokens, refusal, seed])
         self.key = hashlib.sha1(recipe.encode()).hexdigest()[:16]
         self.folder = cache_root() / "lm_stats" / self.key
         self._train_or_load(alignment, steps, batch_size, lr, seed)
         self.cache = self._load_cache()
-
-    def _nll(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        with autocast_context(torch.device("cpu"), self.precision):
-            return response_nll(self.model, self.tokenize(prompts, responses)).float()
 
     def _train_or_load(self, alignment: list[Example], steps: int, batch_size: int, lr: float, seed: int) -> None:
         from peft import set_peft_model_state_dict
@@ -64,7 +55,7 @@ class AlignedLMStats:
         self.model.train()
         for _ in tqdm(range(steps), desc="training the alignment adapter"):
             batch = rng.sample(alignment, batch_size)
-            loss = self._nll([e.prompt for e in batch], [e.response for e in batch]).mean()
+            loss = self.evidence.response_loss(batch).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -93,17 +84,12 @@ class AlignedLMStats:
         self.model.eval()
         for start in tqdm(range(0, len(missing), batch_size), desc="LM statistics", disable=not missing):
             chunk = missing[start:start + batch_size]
-            prompts = [e.prompt for _, e in chunk]
-            responses = [e.response for _, e in chunk]
-            refusals = [self.refusal] * len(chunk)
-            values = [self._nll(prompts, responses), None, self._nll(prompts, refusals), None]
-            with self.model.disable_adapter():
-                values[1], values[3] = self._nll(prompts, responses), self._nll(prompts, refusals)
+            stats = self.evidence.statistics([e for _, e in chunk])
             for row, (key, _) in enumerate(chunk):
-                self.cache[key] = [float(v[row]) for v in values]
+                self.cache[key] = [float(stats[name][row]) for name in STATISTICS]
             if (start // batch_size) % 20 == 19:
                 self._save_cache()
         if missing:
             self._save_cache()
-        table = np.array([self.cache[self.row_key(e)] for e in examples], dtype=np.float64).reshape(-1, len(STATS))
-        return {name: table[:, i] for i, name in enumerate(STATS)}
+        table = np.array([self.cache[self.row_key(e)] for e in examples], dtype=np.float64).reshape(-1, len(STATISTICS))
+        return {name: table[:, i] for i, name in enumerate(STATISTICS)}

@@ -80,9 +80,7 @@ class NeuralScheduler:
         return cls(posterior, config, embedder)
 
     def embed(self, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-        prompts = self.embedder.encode([e.prompt for e in examples])
-        responses = self.embedder.encode([e.response or " " for e in examples])
-        return torch.from_numpy(prompts), torch.from_numpy(responses)
+        return self.embedder.embed_examples(examples)
 
     @torch.no_grad()
     def score_embeddings(self, prompts: torch.Tensor, responses: torch.Tensor) -> ScoreResult:

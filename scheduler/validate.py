@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 from scheduler.baselines import SupervisedFilter, alignment_lookup
 from scheduler.data.datamodule import EmbeddedSet, SetBatch, embed_sets
 from scheduler.data.io import Example, write_rows
-from scheduler.data.mixing import FineTuningSet, build_training_sets, categories_of, mix, read_pool, read_tasks
+from scheduler.data.mixing import (FineTuningSet, build_training_sets, categories_of, mix, read_pool, read_tasks,
+                                   split_by_category)
 from scheduler.embeddings import Embedder
 from scheduler.features import AlignmentBank
 from scheduler.evidence import signal_from_stats
@@ -71,9 +72,8 @@ def make_folds(cfg: DictConfig, tasks: dict[str, list[Example]], harmful: list[E
     folds = [Fold(f"task:{name}", {t: p for t, p in pools.items() if t != name}, train_harmful, tasks[name], shuffled[cut:])
              for name in cfg.task_folds or sorted(tasks)]
     for group in cfg.category_folds:
-        group = set(group)
-        train = [e for e in shuffled[:cut] if not categories_of(e) & group and categories_of(e)][: cfg.harmful_pool]
-        evaluation = [e for e in shuffled if categories_of(e) & group]
+        train = [e for e in split_by_category(shuffled[:cut], group)[0] if categories_of(e)][: cfg.harmful_pool]
+        evaluation = split_by_category(shuffled, group)[1]
         benign = [e for rows in held.values() for e in rows]
         folds.append(Fold(f"categories:{'+'.join(sorted(group))}", pools, train, benign, evaluation))
     return folds
@@ -179,8 +179,7 @@ def validate(cfg: DictConfig) -> list[dict]:
     alignment = read_pool([cfg.alignment_file], cfg.root)
     tasks = read_tasks(cfg.tasks, cfg.root)
     harmful = read_pool(cfg.harmful_files, cfg.root)
-    bank = AlignmentBank(*(torch.from_numpy(embedder.encode([getattr(e, f) or " " for e in alignment]))
-                           for f in ("prompt", "response")))
+    bank = AlignmentBank(*embedder.embed_examples(alignment))
     designs = {name: OmegaConf.merge(cfg.model, overrides) for name, overrides in cfg.designs.items()
                if not cfg.only or name in cfg.only}
     needs_lm = any(d.signal != "none" for d in designs.values())

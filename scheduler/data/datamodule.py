@@ -47,12 +47,10 @@ def embed_sets(sets: Sequence[FineTuningSet], embedder: Embedder, first_row_id: 
     """Embed every distinct text once and give each row of each set a unique bank id."""
     embedded, next_id = [], first_row_id
     for fine_tuning_set in sets:
-        prompts = embedder.encode([e.prompt for e in fine_tuning_set.examples])
-        responses = embedder.encode([e.response or " " for e in fine_tuning_set.examples])
+        prompts, responses = embedder.embed_examples(fine_tuning_set.examples)
         n = len(fine_tuning_set)
-        embedded.append(EmbeddedSet(fine_tuning_set.name, fine_tuning_set.examples, torch.from_numpy(prompts),
-                                    torch.from_numpy(responses), torch.arange(next_id, next_id + n),
-                                    torch.tensor(fine_tuning_set.labels)))
+        embedded.append(EmbeddedSet(fine_tuning_set.name, fine_tuning_set.examples, prompts, responses,
+                                    torch.arange(next_id, next_id + n), torch.tensor(fine_tuning_set.labels)))
         next_id += n
     return embedded
 
@@ -127,9 +125,7 @@ class FineTuningSetsDataModule(L.LightningDataModule):
         return sum(len(s.examples) for s in self.train_sets)
 
     def alignment_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        prompts = self.embedder.encode([e.prompt for e in self.alignment])
-        responses = self.embedder.encode([e.response or " " for e in self.alignment])
-        return torch.from_numpy(prompts), torch.from_numpy(responses)
+        return self.embedder.embed_examples(self.alignment)
 
     def train_dataloader(self) -> DataLoader:
         dataset = _SetDataset(self.train_sets, self.alignment, self.lm_batch_size, self.alignment_batch_size, self.seed)
