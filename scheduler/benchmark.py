@@ -1,6 +1,6 @@
 """Speed benchmarks that print numbers (never asserted in tests).
 
-    python -m scheduler.benchmark lm      # per-sample LM loss rows/s and seconds per BDS step, naive vs tuned
+    python -m scheduler.benchmark lm      # per-sample LM loss rows/s and seconds per BDS step: naive, tuned, cached
     python -m scheduler.benchmark apply CHECKPOINT [--rows 2000]   # apply_scheduler throughput vs bare encoder
 """
 
@@ -17,7 +17,7 @@ from unittest import mock
 import torch
 
 from scheduler.data.io import read_examples, write_rows
-from scheduler.lm import DEFAULT_REFUSAL, ResponseTokenizer, autocast_context, load_lm, response_nll
+from scheduler.lm import DEFAULT_REFUSAL, LowerLayerCache, ResponseTokenizer, autocast_context, load_lm, response_nll
 from scheduler.training import PROJECT_ROOT
 
 DATA = PROJECT_ROOT / "data"
@@ -28,6 +28,9 @@ SETTINGS = {
               "response_logits_only": True},
 }
 SETTINGS["tuned-fp32"] = {**SETTINGS["tuned"], "precision": "fp32"}  # what a CPU without native bf16 runs
+# Hidden states of the frozen layers cached: a first pass fills the cache, the second (a row seen again) reuses it.
+SETTINGS["cached"] = {**SETTINGS["tuned"], "cache": True}
+SETTINGS["cached-fp32"] = {**SETTINGS["cached"], "precision": "fp32"}
 
 
 def _rows(n: int, seed: int = 0):
@@ -42,33 +45,47 @@ def bench_lm(name: str, n_rows: int, steps: int) -> None:
     for label, s in SETTINGS.items():
         model, tokenizer = load_lm(name, lora_top_layers=s["lora_top_layers"])
         tokenize = ResponseTokenizer(tokenizer, s["max_prompt_tokens"], s["max_response_tokens"])
+        cache = LowerLayerCache.for_model(model, max_rows=10 * n_rows) if s.get("cache") else None
         device = torch.device("cpu")
 
         def nll(examples, responses=None):
             batch = tokenize([e.prompt for e in examples], responses or [e.response for e in examples])
             with autocast_context(device, s["precision"]):
+                if cache is not None:
+                    return cache.response_nll(batch).float()
                 return response_nll(model, batch, s["response_logits_only"]).float()
 
-        model.eval()
-        start = time.perf_counter()
-        with torch.no_grad():
-            for i in range(0, n_rows, 8):
-                nll(rows[i:i + 8])
-        rows_per_s = n_rows / (time.perf_counter() - start)
-        model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        start = time.perf_counter()
-        for step in range(steps):
-            ft, align = rows[8 * step % n_rows:][:8], alignment[8 * step:8 * step + 8]
-            loss = nll(align).mean() + nll(ft).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        def per_sample_rows_per_s() -> float:
+            model.eval()
+            start = time.perf_counter()
             with torch.no_grad():
-                nll(ft, [DEFAULT_REFUSAL] * len(ft))
-        per_step = (time.perf_counter() - start) / steps
-        print(f"{label:10s} per-sample loss: {rows_per_s:6.2f} rows/s   BDS step (8 ft + 8 alignment, refusal): "
-              f"{per_step:6.2f} s   settings: {s}", flush=True)
+                for i in range(0, n_rows, 8):
+                    nll(rows[i:i + 8])
+            return n_rows / (time.perf_counter() - start)
+
+        def seconds_per_step() -> float:
+            model.train()
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+            start = time.perf_counter()
+            for step in range(steps):
+                ft, align = rows[8 * step % n_rows:][:8], alignment[8 * step:8 * step + 8]
+                loss = nll(align).mean() + nll(ft).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    nll(ft, [DEFAULT_REFUSAL] * len(ft))
+            return (time.perf_counter() - start) / steps
+
+        results = []
+        for measure in (per_sample_rows_per_s, seconds_per_step):
+            if cache is not None:
+                cache.hidden.clear()
+                results.append(f"{measure():6.2f} first sight / {measure():6.2f} rows seen again")
+            else:
+                results.append(f"{measure():6.2f}")
+        print(f"{label:11s} per-sample loss: {results[0]} rows/s   BDS step (8 ft + 8 alignment, refusal): "
+              f"{results[1]} s   settings: {s}", flush=True)
 
 
 def bench_apply(checkpoint: str, n_rows: int) -> None:

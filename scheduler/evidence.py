@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from scheduler.data.io import Example
-from scheduler.lm import DEFAULT_REFUSAL, ResponseTokenizer, autocast_context, response_nll
+from scheduler.lm import DEFAULT_REFUSAL, LowerLayerCache, ResponseTokenizer, autocast_context, response_nll
 
 # Each signal is a function of up to four per-row statistics: token-mean NLL of the row's
 # own answer and of a fixed refusal, each with the co-trained adapter (`_lm`) and without it (`_base`).
@@ -44,11 +44,13 @@ class LMEvidence:
     """Per-sample response losses (for co-training) and energies (for the scheduler) from one LM."""
 
     def __init__(self, model: nn.Module, tokenizer, signal: str = "refusal", refusal: str = DEFAULT_REFUSAL,
-                 max_prompt_tokens: int = 64, max_response_tokens: int = 32, precision: str = "auto"):
+                 max_prompt_tokens: int = 64, max_response_tokens: int = 32, precision: str = "auto",
+                 hidden_cache_rows: int = 4096):
         if signal not in SIGNALS:
             raise ValueError(f"unknown evidence signal '{signal}'; expected one of {', '.join(SIGNALS)}")
         self.model, self.signal, self.refusal, self.precision = model, signal, refusal, precision
         self.tokenize = ResponseTokenizer(tokenizer, max_prompt_tokens, max_response_tokens)
+        self.lower_layers = LowerLayerCache.for_model(model, hidden_cache_rows)
 
     @property
     def device(self) -> torch.device:
@@ -57,6 +59,8 @@ class LMEvidence:
     def _nll(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         batch = self.tokenize(prompts, responses).to(self.device)
         with autocast_context(self.device, self.precision):
+            if self.lower_layers is not None:
+                return self.lower_layers.response_nll(batch).float()
             return response_nll(self.model, batch).float()
 
     def response_loss(self, examples: list[Example]) -> torch.Tensor:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +127,7 @@ class ResponseTokenizer:
         self.max_response_tokens = max_response_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: str) -> list[int]:
         template = getattr(self.tokenizer, "chat_template", None)
         if template:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -139,7 +141,7 @@ class ResponseTokenizer:
         pairs = []
         for prompt, response in zip(prompts, responses, strict=True):
             reply = self.tokenizer(response or " ", add_special_tokens=False)["input_ids"][: self.max_response_tokens]
-            pairs.append((self._prompt_ids(prompt), reply or [self.pad_id]))
+            pairs.append((self.prompt_ids(prompt), reply or [self.pad_id]))
         length = max(len(p) + len(r) for p, r in pairs)
         ids = torch.full((len(pairs), length), self.pad_id, dtype=torch.long)
         attention = torch.zeros_like(ids)
@@ -152,18 +154,99 @@ class ResponseTokenizer:
         return ResponseBatch(ids, attention, scored, window=max(len(r) for _, r in pairs))
 
 
-def response_nll(model: nn.Module, batch: ResponseBatch, response_logits_only: bool = True) -> torch.Tensor:
+def response_nll(model: nn.Module, batch: ResponseBatch, response_logits_only: bool = True,
+                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample token-mean negative log-likelihood of the response tokens.
 
     With `response_logits_only` the 49k-wide LM head runs only at response positions
-    (`False` is the naive reference the LM benchmark compares against).
+    (`False` is the naive reference the LM benchmark compares against). `inputs_embeds`
+    replaces the token embeddings (the lower-layer cache feeds hidden states in this way).
     """
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     keep = batch.window + 1
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions,
+    tokens = {"input_ids": batch.input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    out = model(**tokens, attention_mask=batch.attention_mask, position_ids=positions, use_cache=False,
                 logits_to_keep=keep if response_logits_only else 0)
     logits = out.logits[:, -keep:-1].float()
     targets = batch.input_ids[:, -batch.window:]
     mask = batch.response_mask[:, -batch.window:].float()
     nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     return (nll * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def first_adapted_layer(model: nn.Module) -> int | None:
+    """Index of the lowest decoder layer holding LoRA weights (everything below it is frozen)."""
+    indices = [int(part) for name, _ in model.named_parameters() if "lora_" in name
+               for prev, part in zip(name.split(".")[:-1], name.split(".")[1:]) if prev == "layers" and part.isdigit()]
+    return min(indices) if indices else None
+
+
+@contextmanager
+def _run_layers(decoder: nn.Module, layers: slice, final_norm: bool):
+    """Temporarily make `decoder` (a Hugging Face `*Model` with `.layers` and `.norm`) run only `layers`."""
+    all_layers, norm = decoder.layers, decoder.norm
+    decoder.layers = nn.ModuleList(list(all_layers)[layers])
+    decoder.norm = norm if final_norm else nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = all_layers, norm
+
+
+class LowerLayerCache:
+    """Hidden states after the frozen lower layers, computed once per token sequence and reused.
+
+    With LoRA on the top layers only, the layers below the adapter see the same input and
+    give the same output every time a sequence comes back (the alignment set every step,
+    the pool across epochs, the with- and without-adapter statistics of one row), so only
+    the adapted top layers and the LM head run again. Stored in bf16 when the forward runs
+    in bf16 anyway; the oldest entries are dropped beyond `max_rows` sequences.
+    """
+
+    def __init__(self, model: nn.Module, split: int, max_rows: int = 4096):
+        self.model, self.split, self.max_rows = model, split, max_rows
+        self.decoder = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+        self.hidden: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+
+    @classmethod
+    def for_model(cls, model: nn.Module, max_rows: int = 4096) -> LowerLayerCache | None:
+        """A cache below the lowest adapted layer, or None where there is nothing frozen to skip."""
+        split = first_adapted_layer(model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder = getattr(base, "model", None)
+        if not split or max_rows <= 0 or not (hasattr(decoder, "layers") and hasattr(decoder, "norm")):
+            return None
+        return cls(model, split, max_rows)
+
+    @staticmethod
+    def _key(ids: torch.Tensor) -> bytes:
+        return ids.cpu().numpy().tobytes()
+
+    @torch.no_grad()
+    def _fill(self, batch: ResponseBatch, keys: list[bytes]) -> None:
+        for key in keys:
+            if key in self.hidden:
+                self.hidden.move_to_end(key)
+        todo = [row for row, key in enumerate(keys) if key not in self.hidden]
+        if todo:
+            mask = batch.attention_mask[todo]
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with _run_layers(self.decoder, slice(0, self.split), final_norm=False):
+                hidden = self.decoder(input_ids=batch.input_ids[todo], attention_mask=mask, position_ids=positions,
+                                      use_cache=False).last_hidden_state
+            dtype = torch.bfloat16 if torch.is_autocast_enabled(hidden.device.type) else torch.float32
+            for i, row in enumerate(todo):
+                self.hidden[keys[row]] = hidden[i][mask[i].bool()].to(dtype)
+        while len(self.hidden) > max(self.max_rows, len(keys)):
+            self.hidden.popitem(last=False)
+
+    def response_nll(self, batch: ResponseBatch) -> torch.Tensor:
+        """`response_nll(model, batch)`, running only the layers from `split` up on cached hidden states."""
+        keys = [self._key(ids[mask.bool()]) for ids, mask in zip(batch.input_ids, batch.attention_mask)]
+        self._fill(batch, keys)
+        embeds = torch.zeros(*batch.input_ids.shape, self.hidden[keys[0]].shape[-1], device=batch.input_ids.device)
+        for row, key in enumerate(keys):
+            states = self.hidden[key]
+            embeds[row, embeds.shape[1] - len(states):] = states.to(embeds)
+        with _run_layers(self.decoder, slice(self.split, None), final_norm=True):
+            return response_nll(self.model, batch, inputs_embeds=embeds)

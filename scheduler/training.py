@@ -76,8 +76,10 @@ def build_module(cfg: DictConfig, datamodule: FineTuningSetsDataModule) -> BDSMo
         model, tokenizer = load_lm(cfg.lm.name_or_path, cfg.lm.lora_rank, cfg.lm.lora_alpha, cfg.lm.lora_top_layers,
                                    tuple(cfg.lm.target_modules))
         evidence = LMEvidence(model, tokenizer, cfg.model.signal, cfg.model.refusal, cfg.lm.max_prompt_tokens,
-                              cfg.lm.max_response_tokens, cfg.lm.precision)
+                              cfg.lm.max_response_tokens, cfg.lm.precision, cfg.lm.hidden_cache_rows)
     module = make_module(cfg.model, posterior, evidence, datamodule.n_train_rows)
+    # Which rows trained this checkpoint, so an evaluation can prove its data unseen (keys, not text).
+    config["training_rows"] = sorted({e.key for s in datamodule.train_sets for e in s.examples})
     module.scheduler_config = config
     return module
 

@@ -77,3 +77,33 @@ def test_co_trained_lm_learns_to_refuse_harmful_prompts(data_dir, tiny_embedder_
         weight, _ = posterior_weights(post.mu, post.sigma, "sigmoid")
         gaps.append(weight[s.labels == 0].mean() - weight[s.labels == 1].mean())
     assert torch.stack(gaps).mean() > 0
+
+
+def test_lower_layer_cache_gives_the_same_losses_and_gradients_and_skips_the_frozen_layers(tiny_lm_path):
+    from scheduler.lm import LowerLayerCache, ResponseTokenizer, load_lm, response_nll
+
+    torch.manual_seed(0)
+    model, tokenizer = load_lm(tiny_lm_path, lora_top_layers=2)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.1)  # a non-trivial adapter
+    cache = LowerLayerCache.for_model(model, max_rows=3)
+    assert cache is not None and cache.split == 2
+    batch = ResponseTokenizer(tokenizer)(["how do I build a weapon", "a recipe for soup please"], ["Sure, first", "Boil"])
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    expected = response_nll(model, batch)
+    expected_grads = torch.autograd.grad(expected.sum(), lora)
+    calls = []
+    hook = model.get_base_model().model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    for _ in range(2):  # cold, then from the cache
+        got = cache.response_nll(batch)
+        grads = torch.autograd.grad(got.sum(), lora)
+        torch.testing.assert_close(got, expected)
+        for g, e in zip(grads, expected_grads):
+            torch.testing.assert_close(g, e)
+    hook.remove()
+    assert len(calls) == 1  # the frozen lower layers ran once for both passes
+    other = ResponseTokenizer(tokenizer)(["tell me a joke", "x", "y"], ["no", "a", "b"])
+    cache.response_nll(other)
+    assert len(cache.hidden) == 3  # bounded: the oldest sequences were dropped
+    assert LowerLayerCache.for_model(load_lm(tiny_lm_path, lora_top_layers=None)[0]) is None  # nothing frozen below
