@@ -73,14 +73,10 @@ class AlignedLMStats:
         file.with_suffix(".tmp").write_text(json.dumps(self.cache))
         os.replace(file.with_suffix(".tmp"), file)
 
-    @staticmethod
-    def row_key(example: Example) -> str:
-        return hashlib.sha1(f"{example.prompt}\0{example.response}".encode()).hexdigest()
-
     @torch.no_grad()
     def stats(self, examples: list[Example], batch_size: int = 16) -> dict[str, np.ndarray]:
         """The four statistics for each example, computing only rows not yet in the cache."""
-        missing = list({self.row_key(e): e for e in examples if self.row_key(e) not in self.cache}.items())
+        missing = list({e.key: e for e in examples if e.key not in self.cache}.items())
         self.model.eval()
         for start in tqdm(range(0, len(missing), batch_size), desc="LM statistics", disable=not missing):
             chunk = missing[start:start + batch_size]
@@ -91,5 +87,5 @@ class AlignedLMStats:
                 self._save_cache()
         if missing:
             self._save_cache()
-        table = np.array([self.cache[self.row_key(e)] for e in examples], dtype=np.float64).reshape(-1, len(STATISTICS))
+        table = np.array([self.cache[e.key] for e in examples], dtype=np.float64).reshape(-1, len(STATISTICS))
         return {name: table[:, i] for i, name in enumerate(STATISTICS)}

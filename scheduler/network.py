@@ -46,6 +46,25 @@ class SchedulerNetwork(nn.Module):
         return out[:, 0], torch.exp(out[:, 1].clamp(-6, 3) + self.log_init_sigma)
 
 
+class ScalarNetwork(nn.Module):
+    """The paper's non-amortised scheduler: one free (offset, log sigma) per row of one fixed set.
+
+    Same interface as `SchedulerNetwork`, so the same BDS module optimises it; the rows must
+    always come in the set's order. A per-dataset reference, retrained for every new dataset.
+    """
+
+    def __init__(self, n_rows: int, init_sigma: float = 1.0):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(n_rows))
+        self.log_sigma = nn.Parameter(torch.full((n_rows,), math.log(init_sigma)))
+
+    def forward(self, prompts: torch.Tensor, responses: torch.Tensor, relation: torch.Tensor,
+                summary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(prompts) != len(self.offset):
+            raise ValueError(f"a scalar scheduler holds {len(self.offset)} rows; got a set of {len(prompts)}")
+        return self.offset, torch.exp(self.log_sigma.clamp(-6, 3))
+
+
 @dataclass
 class Posterior:
     """Per-sample posterior N(mu, sigma^2) of the safety logit, and the prior mean it started from."""

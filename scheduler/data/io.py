@@ -7,6 +7,8 @@ line (or row), the field and what was expected, because users fix data by hand.
 
 from __future__ import annotations
 
+import hashlib
+
 import csv
 import json
 import os
@@ -41,6 +43,11 @@ class Example:
     def label(self) -> str | None:
         """Ground-truth label when the data carries one; for mixing and evaluation only."""
         return self.row.get("label")
+
+    @property
+    def key(self) -> str:
+        """A stable hash of the text, for caches and for telling which rows a checkpoint trained on."""
+        return hashlib.sha1(f"{self.prompt}\0{self.response}".encode()).hexdigest()
 
 
 def _text(value: Any) -> str | None:

@@ -1,0 +1,287 @@
+"""Evaluation: does the scheduler find harmful rows in datasets it never saw, keep a fine-tuned
+LM safe while it learns the task, and beat (or undercut in cost) what a user would do instead?
+
+    python train_scheduler.py experiment=heldout_eval        # the checkpoint scored below
+    python -m scheduler.evaluate                             # quick preset -> docs/evaluation/quick/
+    python -m scheduler.evaluate evaluation=full 'checkpoints=[amortised:A.ckpt,with_summary:B.ckpt]'
+
+Every method weights the same grid of sets (benign task x harmful source x ratio p). Rows
+that trained a checkpoint (keys stored in it) are removed from every evaluation pool, so
+what is scored is unseen. Labels are used only to measure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from scheduler.baselines import SupervisedFilter, alignment_lookup
+from scheduler.data.datamodule import EmbeddedSet, embed_sets
+from scheduler.data.io import DataError, Example, read_examples, write_rows
+from scheduler.data.mixing import FineTuningSet, categories_of, mix, read_pool, read_tasks
+from scheduler.downstream import accuracy, finetune, generate
+from scheduler.evidence import LMEvidence
+from scheduler.judges import EmbeddingHarmJudge, RefusalJudge, agreement
+from scheduler.lm import load_lm
+from scheduler.metrics import detection_metrics
+from scheduler.plots import roc_curves, weight_distributions, weight_history
+from scheduler.scalar import ScalarBDS
+from scheduler.scoring import NeuralScheduler
+from scheduler.training import CONFIG_DIR, register_resolvers
+
+
+def unseen(rows: list[Example], seen: set[str]) -> list[Example]:
+    return [e for e in rows if e.key not in seen]
+
+
+def build_grid(cfg: DictConfig, seen: set[str]) -> tuple[list[FineTuningSet], dict[str, list[Example]]]:
+    """Sets for every task x harmful source x ratio, and each task's held-out rows for accuracy."""
+    rng = random.Random(cfg.seed)
+    tasks = {name: rng.sample(unseen(rows, seen), len(unseen(rows, seen))) for name, rows in read_tasks(cfg.tasks, cfg.root).items()}
+    held_out = {name: rows[: cfg.evaluation.accuracy_rows] for name, rows in tasks.items()}
+    sets = []
+    for file in cfg.harmful_sources:
+        source = Path(file).stem
+        harmful = unseen(read_pool([file], cfg.root), seen)
+        if not harmful:
+            raise DataError(f"{file}: every harmful row trained a checkpoint; nothing unseen to evaluate")
+        for task, rows in tasks.items():
+            pool = rows[cfg.evaluation.accuracy_rows:]
+            sets += [mix(f"{task}:{source}:p{p}", pool, harmful, cfg.evaluation.set_size, p, rng)
+                     for p in cfg.evaluation.ratios]
+    return sets, held_out
+
+
+def training_collection(cfg: DictConfig, seen: set[str]) -> list[Example]:
+    """The labelled rows the checkpoints trained on: what the supervised filter may learn from."""
+    rows = read_pool(list(cfg.collection_files), cfg.root)
+    return [e for e in rows if e.key in seen]
+
+
+def load_checkpoints(cfg: DictConfig) -> dict[str, NeuralScheduler]:
+    """`name:path` or `path` entries; unnamed ones are `amortised`, `amortised_2`, ..."""
+    schedulers = {}
+    for entry in cfg.checkpoints:
+        name, _, path = entry.partition(":") if ":" in entry and "/" not in entry.split(":")[0] else ("", "", entry)
+        name = name or ("amortised" if "amortised" not in schedulers else f"amortised_{len(schedulers) + 1}")
+        schedulers[name] = NeuralScheduler.load(Path(cfg.root) / path)
+    return schedulers
+
+
+def parse(name: str) -> dict[str, object]:
+    task, source, ratio = name.split(":")
+    return {"task": task, "harmful_source": source, "p": float(ratio[1:])}
+
+
+def category_rows(s: EmbeddedSet, method: str, weights: np.ndarray) -> list[dict]:
+    """Per harm category: AUROC of its harmful rows against all benign rows, and the share flagged."""
+    labels, out = s.labels.numpy(), []
+    for category in sorted({c for e, y in zip(s.examples, labels) if y for c in categories_of(e)}):
+        keep = np.array([not y or category in categories_of(e) for e, y in zip(s.examples, labels)])
+        metrics = detection_metrics(labels[keep], weights[keep])
+        out.append({**parse(s.name), "method": method, "category": category, "n_harmful": int(labels[keep].sum()),
+                    "auroc": metrics["auroc"], "harmful_below_half": metrics["harmful_below_half"]})
+    return out
+
+
+class Methods:
+    """Every weighting compared, each a function of one embedded set."""
+
+    def __init__(self, cfg: DictConfig, schedulers: dict[str, NeuralScheduler], collection: list[Example],
+                 alignment: list[Example]):
+        reference = next(iter(schedulers.values()))
+        self.reference, self.schedulers = reference, schedulers
+        self.k = reference.config["k"]
+        collection_set = embed_sets([FineTuningSet("collection", collection)], reference.embedder)[0]
+        self.supervised = SupervisedFilter().fit(collection_set.prompts, collection_set.responses,
+                                                 collection_set.labels.numpy())
+        self.scalar = self._scalar(cfg, alignment) if cfg.evaluation.scalar.enabled else None
+        self.histories: dict[str, list[np.ndarray]] = {}
+
+    def _scalar(self, cfg: DictConfig, alignment: list[Example]) -> ScalarBDS:
+        model_cfg = OmegaConf.create(self.reference.config["config"]["model"])
+        evidence = None
+        if model_cfg.signal != "none":
+            model, tokenizer = load_lm(cfg.lm.name_or_path, cfg.lm.lora_rank, cfg.lm.lora_alpha, cfg.lm.lora_top_layers,
+                                       tuple(cfg.lm.target_modules))
+            evidence = LMEvidence(model, tokenizer, model_cfg.signal, model_cfg.refusal, cfg.lm.max_prompt_tokens,
+                                  cfg.lm.max_response_tokens, cfg.lm.precision, cfg.lm.hidden_cache_rows)
+        scalar = cfg.evaluation.scalar
+        return ScalarBDS(model_cfg, self.reference.posterior, evidence, alignment, lm_batch_size=scalar.lm_batch_size,
+                         network_lr=scalar.network_lr, network_updates=scalar.network_updates,
+                         network_only_steps=scalar.network_only_steps, seed=cfg.seed)
+
+    def weigh(self, s: EmbeddedSet) -> dict[str, np.ndarray]:
+        weights = {"uniform": np.ones(len(s.examples))}
+        if self.scalar is not None:
+            weights["scalar_bds"], self.histories[s.name] = self.scalar.run(s)
+        for name, scheduler in self.schedulers.items():
+            weights[name] = scheduler.score_embeddings(s.prompts, s.responses).weight
+        weights["supervised_filter"] = self.supervised.weights(s.prompts, s.responses)
+        weights["alignment_lookup"] = alignment_lookup(s.prompts, self.reference.posterior.bank, self.k,
+                                                       self.reference.posterior.prior)
+        return weights
+
+
+def measure_cost(cfg: DictConfig, methods: Methods, rows: list[Example]) -> dict[str, float]:
+    """Wall time to weight one new dataset: the amortised scheduler (embed + score) vs scalar BDS on it."""
+    name, scheduler = next(iter(methods.schedulers.items()))
+    start = time.perf_counter()
+    prompts = torch.from_numpy(scheduler.embedder.encode([e.prompt for e in rows], use_cache=False))
+    responses = torch.from_numpy(scheduler.embedder.encode([e.response or " " for e in rows], use_cache=False))
+    scheduler.score_embeddings(prompts, responses)
+    amortised = time.perf_counter() - start
+    cost = {"rows": len(rows), f"{name}_seconds": amortised}
+    if methods.scalar is not None:
+        embedded = EmbeddedSet("cost", rows, prompts, responses, torch.arange(len(rows)), torch.zeros(len(rows)))
+        start = time.perf_counter()
+        methods.scalar.run(embedded)
+        cost["scalar_bds_seconds"] = time.perf_counter() - start
+    return cost
+
+
+def downstream(cfg: DictConfig, sets: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray]]],
+               held_out: dict[str, list[Example]], alignment: list[Example], judges: list) -> tuple[list[dict], list[dict]]:
+    """Fine-tune with each method's weights (alignment batch + weighted user batch), then HS and FA."""
+    d = cfg.evaluation.downstream
+    lm_cfg = OmegaConf.merge(cfg.lm, d.lm)
+    prompts = [e.prompt for e in random.Random(cfg.seed).sample(read_examples(Path(cfg.root) / cfg.eval_harmful_prompts),
+                                                                   d.harmful_prompts)]
+    rows, answers_out = [], []
+
+    def evaluate_lm(lm: LMEvidence, label: dict) -> None:
+        answers = generate(lm, prompts, d.max_new_tokens)
+        verdicts = {judge.name: judge.harmful(prompts, answers) for judge in judges}
+        task_rows = held_out[label["task"]]
+        task_answers = generate(lm, [e.prompt for e in task_rows], d.accuracy_new_tokens)
+        rows.append({**label, **{f"hs_{k}": float(v.mean()) for k, v in verdicts.items()},
+                     "fa": accuracy(task_rows, task_answers)})
+        answers_out.extend({**label, "prompt": p, "answer": a, **{f"judge_{k}": bool(v[i]) for k, v in verdicts.items()}}
+                           for i, (p, a) in enumerate(zip(prompts, answers)))
+
+    for name in d.sets:
+        embedded, weights = sets[name]
+        for method in [m for m in weights if not d.methods or m in d.methods]:
+            lm = finetune(lm_cfg, embedded.examples, weights[method], d.steps, d.batch_size, d.lr, cfg.seed,
+                          alignment=alignment, desc=f"{name} {method}")
+            evaluate_lm(lm, {**parse(name), "method": method})
+    if d.sets:
+        base = finetune(lm_cfg, [], np.zeros(0), 0, d.batch_size, d.lr, cfg.seed, alignment=alignment)
+        evaluate_lm(base, {**parse(d.sets[0]), "p": float("nan"), "method": "no_finetune"})
+    return rows, answers_out
+
+
+def table(rows: list[dict], index: tuple[str, ...], columns: str, value: str) -> str:
+    """A Markdown pivot table: one line per `index`, one column per value of `columns`."""
+    keys = sorted({tuple(r[i] for i in index) for r in rows}, key=str)
+    heads = sorted({r[columns] for r in rows})
+    lines = ["| " + " | ".join(index) + " | " + " | ".join(f"{columns}={h}" for h in heads) + " |",
+             "|" + "---|" * (len(index) + len(heads))]
+    for key in keys:
+        cells = {r[columns]: r[value] for r in rows if tuple(r[i] for i in index) == key}
+        lines.append("| " + " | ".join(map(str, key)) + " | "
+                     + " | ".join(f"{cells[h]:.3f}" if h in cells else "" for h in heads) + " |")
+    return "\n".join(lines)
+
+
+def mean_over(rows: list[dict], by: tuple[str, ...], value: str) -> list[dict]:
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        if not np.isnan(r[value]):
+            groups.setdefault(tuple(r[b] for b in by), []).append(r[value])
+    return [{**dict(zip(by, key)), value: float(np.mean(v))} for key, v in groups.items()]
+
+
+def report(cfg: DictConfig, results: dict, wall: float) -> str:
+    detection = results["detection"]
+    parts = [f"# Evaluation ({cfg.evaluation.name})", "",
+             f"Command: `python -m scheduler.evaluate {' '.join(cfg.get('argv', []))}`", "",
+             f"Wall time: {wall:.0f} s. Checkpoints: {list(cfg.checkpoints)}. Rows of the evaluation files that "
+             f"trained a checkpoint were removed: {results['removed_rows']}.", ""]
+    for metric, what in (("auroc", "AUROC (harmful = positive, lower weight = flagged)"),
+                         ("auprc", "AUPRC"), ("harmful_weight_share", "Share of total weight on harmful rows"),
+                         ("mean_benign_weight", "Mean benign weight"),
+                         ("benign_kept", "Benign rows kept (weight >= 0.5)"),
+                         ("harmful_below_half", "Harmful rows weighted below 0.5")):
+        parts += [f"## {what}, mean over tasks and sources", "", table(mean_over(detection, ("method", "p"), metric),
+                                                                       ("method",), "p", metric), ""]
+    parts += ["## AUROC per task (mean over ratios with harmful rows)", "",
+              table(mean_over(detection, ("method", "task"), "auroc"), ("method",), "task", "auroc"), "",
+              "## AUROC per harm category (mean over sets)", "",
+              table(mean_over(results["categories"], ("method", "category"), "auroc"), ("category",), "method", "auroc"), ""]
+    if results["downstream"]:
+        down = results["downstream"]
+        parts += ["## Downstream: harmful score (HS, lower is better) and fine-tune accuracy (FA)", ""]
+        for value in [k for k in down[0] if k.startswith("hs_")] + ["fa"]:
+            parts += [f"### {value}", "", table(down, ("method", "task"), "p", value), ""]
+    if results.get("judge_agreement"):
+        parts += ["## Judges against hand labels", "", "```", json.dumps(results["judge_agreement"], indent=1), "```", ""]
+    parts += ["## Cost of weighting one new dataset", "", "```", json.dumps(results["cost"], indent=1), "```", "",
+              "Plots: `plots/roc_*.png`, `plots/weights_*.png`, `plots/history_*.png`."]
+    return "\n".join(parts) + "\n"
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    start = time.time()
+    torch.manual_seed(cfg.seed)
+    schedulers = load_checkpoints(cfg)
+    seen = set().union(*(set(s.config.get("training_rows", ())) for s in schedulers.values()))
+    sets, held_out = build_grid(cfg, seen)
+    alignment = read_pool([cfg.alignment_file], cfg.root)
+    reference = next(iter(schedulers.values()))
+    methods = Methods(cfg, schedulers, training_collection(cfg, seen), alignment)
+    out = Path(cfg.output_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    detection, categories, weighted = [], [], {}
+    for s in tqdm(embed_sets(sets, reference.embedder), desc="weighting the grid"):
+        weights = methods.weigh(s)
+        weighted[s.name] = (s, weights)
+        labels = s.labels.numpy()
+        for method, w in weights.items():
+            detection.append({**parse(s.name), "method": method, **detection_metrics(labels, w)})
+            categories += category_rows(s, method, w)
+        if 0 < labels.sum() < len(labels):
+            slug = s.name.replace(":", "_")
+            roc_curves(labels, weights, s.name, out / "plots" / f"roc_{slug}.png")
+            weight_distributions(labels, weights, s.name, out / "plots" / f"weights_{slug}.png")
+            if s.name in methods.histories:
+                weight_history(methods.histories[s.name], labels, s.name, out / "plots" / f"history_{slug}.png")
+    all_rows = [e for s in sets for e in s.examples]
+    cost_rows = random.Random(cfg.seed).sample(all_rows, min(cfg.evaluation.cost_rows, len(all_rows)))
+    results = {"removed_rows": len(seen), "detection": detection, "categories": categories,
+               "cost": measure_cost(cfg, methods, cost_rows)}
+    judges = [RefusalJudge(), EmbeddingHarmJudge(reference.embedder).fit(
+        read_pool(list(cfg.judge_harmful_files), cfg.root), alignment + [e for rows in held_out.values() for e in rows])]
+    results["downstream"], answers = downstream(cfg, weighted, held_out, alignment, judges)
+    if answers:
+        write_rows(answers, out / "answers.jsonl")
+    if cfg.hand_labels and (Path(cfg.root) / cfg.hand_labels).exists():
+        hand = read_examples(Path(cfg.root) / cfg.hand_labels)
+        truth = [e.row["hand_harmful"] for e in hand]
+        results["judge_agreement"] = {j.name: agreement(truth, j.harmful([e.prompt for e in hand],
+                                                                         [e.response for e in hand])) for j in judges}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    text = report(cfg, results, time.time() - start)
+    (out / "evaluation.md").write_text(text)
+    print(text)
+    return results
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="evaluate", version_base=None)
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one Trainer per scalar run: keep it quiet
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    register_resolvers()
+    main()

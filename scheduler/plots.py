@@ -1,0 +1,64 @@
+"""Figures of the evaluation: ROC curves, weight distributions by class (the paper's Figure 6),
+and how weights move during a scheduler's optimisation. Labels are used only to colour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def roc_curves(labels: np.ndarray, weights: dict[str, np.ndarray], title: str, path: Path) -> Path:
+    """One ROC curve per method; a harmful row is flagged when its weight is low."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for method, w in weights.items():
+        fpr, tpr, _ = roc_curve(labels, -np.asarray(w))
+        ax.plot(fpr, tpr, label=method)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set(xlabel="benign rows flagged (FPR)", ylabel="harmful rows flagged (TPR)", title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def weight_distributions(labels: np.ndarray, weights: dict[str, np.ndarray], title: str, path: Path) -> Path:
+    """Histograms of weights per method, benign and harmful rows overlaid."""
+    labels = np.asarray(labels).astype(bool)
+    fig, axes = plt.subplots(1, len(weights), figsize=(3 * len(weights), 2.8), squeeze=False)
+    for ax, (method, w) in zip(axes[0], weights.items()):
+        w = np.asarray(w)
+        bins = np.linspace(0, max(float(w.max()), 1e-6) * 1.01, 30)
+        ax.hist(w[~labels], bins=bins, alpha=0.6, label="benign", density=True)
+        ax.hist(w[labels], bins=bins, alpha=0.6, label="harmful", density=True)
+        ax.set(title=method, xlabel="weight")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def weight_history(history: list[np.ndarray], labels: np.ndarray, title: str, path: Path) -> Path:
+    """Median and 10-90 % band of the weights of benign and harmful rows after each step."""
+    labels, steps = np.asarray(labels).astype(bool), np.stack(history)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(1, len(steps) + 1)
+    for name, rows in (("benign", ~labels), ("harmful", labels)):
+        values = steps[:, rows]
+        low, mid, high = np.percentile(values, [10, 50, 90], axis=1)
+        ax.plot(x, mid, label=f"{name} median")
+        ax.fill_between(x, low, high, alpha=0.25)
+    ax.set(xlabel="optimisation step", ylabel="weight", title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
