@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from scheduler.baselines import SupervisedFilter, alignment_lookup
 from scheduler.data.datamodule import EmbeddedSet, embed_sets
-from scheduler.data.io import DataError, Example, read_examples, write_rows
+from scheduler.data.io import DataError, Example, read_examples, write_rows, write_text
 from scheduler.data.mixing import FineTuningSet, categories_of, mix, read_pool, read_tasks
 from scheduler.downstream import accuracy, finetune, generate
 from scheduler.evidence import LMEvidence
@@ -36,7 +37,7 @@ from scheduler.metrics import detection_metrics
 from scheduler.plots import roc_curves, weight_distributions, weight_history
 from scheduler.scalar import ScalarBDS
 from scheduler.scoring import NeuralScheduler
-from scheduler.training import CONFIG_DIR, register_resolvers
+from scheduler.training import CONFIG_DIR, command_line_overrides, register_resolvers
 
 
 def unseen(rows: list[Example], seen: set[str]) -> list[Example]:
@@ -118,7 +119,8 @@ class Methods:
         scalar = cfg.evaluation.scalar
         return ScalarBDS(model_cfg, self.reference.posterior, evidence, alignment, lm_batch_size=scalar.lm_batch_size,
                          network_lr=scalar.network_lr, network_updates=scalar.network_updates,
-                         network_only_steps=scalar.network_only_steps, seed=cfg.seed)
+                         network_only_steps=scalar.network_only_steps, seed=cfg.seed,
+                         accelerator="gpu" if cfg.device.startswith("cuda") else "cpu")
 
     def weigh(self, s: EmbeddedSet) -> dict[str, np.ndarray]:
         weights = {"uniform": np.ones(len(s.examples))}
@@ -127,6 +129,9 @@ class Methods:
         for name, scheduler in self.schedulers.items():
             weights[name] = scheduler.score_embeddings(s.prompts, s.responses).weight
         weights["supervised_filter"] = self.supervised.weights(s.prompts, s.responses)
+        # A reference, not a method: what perfect knowledge of the labels would do (harmful rows get 0).
+        labels = s.labels.numpy()
+        weights["label_oracle"] = np.where(labels == 1, 0.0, 1.0) / max(1 - labels.mean(), 1e-12)
         weights["alignment_lookup"] = alignment_lookup(s.prompts, self.reference.posterior.bank, self.k,
                                                        self.reference.posterior.prior)
         return weights
@@ -172,11 +177,11 @@ def downstream(cfg: DictConfig, sets: dict[str, tuple[EmbeddedSet, dict[str, np.
         embedded, weights = sets[name]
         for method in [m for m in weights if not d.methods or m in d.methods]:
             lm = finetune(lm_cfg, embedded.examples, weights[method], d.steps, d.batch_size, d.lr, cfg.seed,
-                          alignment=alignment, desc=f"{name} {method}")
+                          alignment=alignment, desc=f"{name} {method}", device=cfg.device)
             evaluate_lm(lm, {**parse(name), "method": method})
     if d.sets:
-        base = finetune(lm_cfg, [], np.zeros(0), 0, d.batch_size, d.lr, cfg.seed, alignment=alignment)
-        evaluate_lm(base, {**parse(d.sets[0]), "p": float("nan"), "method": "no_finetune"})
+        base = finetune(lm_cfg, [], np.zeros(0), 0, d.batch_size, d.lr, cfg.seed, alignment=alignment, device=cfg.device)
+        evaluate_lm(base, {**parse(d.sets[0]), "method": "no_finetune"})  # the LM before any fine-tuning
     return rows, answers_out
 
 
@@ -204,7 +209,7 @@ def mean_over(rows: list[dict], by: tuple[str, ...], value: str) -> list[dict]:
 def report(cfg: DictConfig, results: dict, wall: float) -> str:
     detection = results["detection"]
     parts = [f"# Evaluation ({cfg.evaluation.name})", "",
-             f"Command: `python -m scheduler.evaluate {' '.join(cfg.get('argv', []))}`", "",
+             f"Command: `python -m scheduler.evaluate {command_line_overrides()}`", "",
              f"Wall time: {wall:.0f} s. Checkpoints: {list(cfg.checkpoints)}. Rows of the evaluation files that "
              f"trained a checkpoint were removed: {results['removed_rows']}.", ""]
     for metric, what in (("auroc", "AUROC (harmful = positive, lower weight = flagged)"),
@@ -230,6 +235,22 @@ def report(cfg: DictConfig, results: dict, wall: float) -> str:
     return "\n".join(parts) + "\n"
 
 
+def build_judges(cfg: DictConfig, reference: NeuralScheduler, held_out: dict[str, list[Example]],
+                 alignment: list[Example]) -> list:
+    embedding = EmbeddingHarmJudge(reference.embedder).fit(read_pool(list(cfg.judge_harmful_files), cfg.root),
+                                                           alignment + [e for rows in held_out.values() for e in rows])
+    return [RefusalJudge(), embedding]
+
+
+def judge_agreement(cfg: DictConfig, judges: list) -> dict | None:
+    """Each judge against the hand labels (`hand_harmful`) in `cfg.hand_labels`, where that file exists."""
+    if not cfg.hand_labels or not (Path(cfg.root) / cfg.hand_labels).exists():
+        return None
+    hand = read_examples(Path(cfg.root) / cfg.hand_labels)
+    truth = [bool(e.row["hand_harmful"]) for e in hand]
+    return {j.name: agreement(truth, j.harmful([e.prompt for e in hand], [e.response for e in hand])) for j in judges}
+
+
 def evaluate(cfg: DictConfig) -> dict:
     start = time.time()
     torch.manual_seed(cfg.seed)
@@ -238,6 +259,11 @@ def evaluate(cfg: DictConfig) -> dict:
     sets, held_out = build_grid(cfg, seen)
     alignment = read_pool([cfg.alignment_file], cfg.root)
     reference = next(iter(schedulers.values()))
+    if cfg.judges_only:  # re-measure the judges after hand-labelling a run's answers.jsonl
+        result = judge_agreement(cfg, build_judges(cfg, reference, held_out, alignment))
+        write_text(json.dumps(result, indent=1), Path(cfg.output_dir) / "judge_agreement.json")
+        print(json.dumps(result, indent=1))
+        return {"judge_agreement": result}
     methods = Methods(cfg, schedulers, training_collection(cfg, seen), alignment)
     out = Path(cfg.output_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
@@ -259,26 +285,23 @@ def evaluate(cfg: DictConfig) -> dict:
     cost_rows = random.Random(cfg.seed).sample(all_rows, min(cfg.evaluation.cost_rows, len(all_rows)))
     results = {"removed_rows": len(seen), "detection": detection, "categories": categories,
                "cost": measure_cost(cfg, methods, cost_rows)}
-    judges = [RefusalJudge(), EmbeddingHarmJudge(reference.embedder).fit(
-        read_pool(list(cfg.judge_harmful_files), cfg.root), alignment + [e for rows in held_out.values() for e in rows])]
+    judges = build_judges(cfg, reference, held_out, alignment)
     results["downstream"], answers = downstream(cfg, weighted, held_out, alignment, judges)
     if answers:
         write_rows(answers, out / "answers.jsonl")
-    if cfg.hand_labels and (Path(cfg.root) / cfg.hand_labels).exists():
-        hand = read_examples(Path(cfg.root) / cfg.hand_labels)
-        truth = [e.row["hand_harmful"] for e in hand]
-        results["judge_agreement"] = {j.name: agreement(truth, j.harmful([e.prompt for e in hand],
-                                                                         [e.response for e in hand])) for j in judges}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    results["judge_agreement"] = judge_agreement(cfg, judges)
+    write_text(json.dumps(results, indent=1), out / "results.json")
     text = report(cfg, results, time.time() - start)
-    (out / "evaluation.md").write_text(text)
+    write_text(text, out / "evaluation.md")
     print(text)
     return results
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one Trainer per scalar run: keep it quiet
+    # One Trainer per scalar BDS run: keep Lightning's per-run notices out of the progress output.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="lightning.pytorch")
     evaluate(cfg)
 
 

@@ -33,8 +33,8 @@ class WeightHistory(L.Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        posterior = module.posterior(self.embedded.prompts, self.embedded.responses)
-        self.steps.append(posterior_weights(posterior.mu, posterior.sigma, module.transform)[0].numpy())
+        posterior = module.posterior(self.embedded.prompts.to(module.device), self.embedded.responses.to(module.device))
+        self.steps.append(posterior_weights(posterior.mu, posterior.sigma, module.transform)[0].cpu().numpy())
 
 
 class ScalarBDS:
@@ -42,11 +42,12 @@ class ScalarBDS:
 
     def __init__(self, model_cfg: DictConfig, reference: SetPosterior, evidence: LMEvidence | None,
                  alignment: list[Example], lm_batch_size: int = 8, network_lr: float = 0.05,
-                 network_updates: int = 4, network_only_steps: int = 100, seed: int = 0):
+                 network_updates: int = 4, network_only_steps: int = 100, seed: int = 0, accelerator: str = "cpu"):
         self.model_cfg = OmegaConf.merge(model_cfg, {"network_lr": network_lr, "network_updates": network_updates,
                                                      "lm_steps": None})
         self.reference, self.evidence, self.alignment = reference, evidence, alignment
         self.lm_batch_size, self.network_only_steps, self.seed = lm_batch_size, network_only_steps, seed
+        self.accelerator = accelerator
         self.initial_adapter = None
         if evidence is not None:
             from peft import get_peft_model_state_dict
@@ -82,7 +83,7 @@ class ScalarBDS:
         module = make_module(self.model_cfg, posterior, self.evidence, n_rows=n)
         history = WeightHistory(local)
         trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, accelerator="cpu", callbacks=[history],
+                            enable_model_summary=False, accelerator=self.accelerator, devices=1, callbacks=[history],
                             limit_val_batches=0)
         trainer.fit(module, train_dataloaders=DataLoader(self._batches(local), batch_size=1, collate_fn=lambda b: b[0]))
         return history.steps[-1], history.steps

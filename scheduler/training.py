@@ -97,6 +97,13 @@ def save_atomically(trainer: L.Trainer, path: Path) -> Path:
     return path
 
 
+def command_line_overrides() -> str:
+    """The Hydra overrides this run was started with, to print the command that reproduces a report."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return " ".join(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ""
+
+
 def run_dir(cfg: DictConfig) -> Path:
     """`out_dir`, or under a `-m` sweep the job's own folder `<out_dir>/<job number>`."""
     from hydra.core.hydra_config import HydraConfig

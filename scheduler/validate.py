@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from scheduler.baselines import SupervisedFilter, alignment_lookup
 from scheduler.data.datamodule import EmbeddedSet, SetBatch, embed_sets
-from scheduler.data.io import Example, write_rows
+from scheduler.data.io import Example, write_rows, write_text
 from scheduler.data.mixing import (FineTuningSet, build_training_sets, categories_of, mix, read_pool, read_tasks,
                                    split_by_category)
 from scheduler.embeddings import Embedder
@@ -39,8 +39,8 @@ from scheduler.evidence import signal_from_stats
 from scheduler.lm_stats import AlignedLMStats
 from scheduler.metrics import detection_metrics
 from scheduler.prior import SafetyPrior
-from scheduler.training import (CONFIG_DIR, calibrate_prior, calibrated_posterior, make_module, register_resolvers,
-                                scheduler_config)
+from scheduler.training import (CONFIG_DIR, calibrate_prior, calibrated_posterior, command_line_overrides, make_module,
+                                register_resolvers, scheduler_config)
 from scheduler.transforms import posterior_weights
 
 log = logging.getLogger(__name__)
@@ -192,11 +192,11 @@ def validate(cfg: DictConfig) -> list[dict]:
     table = summarise(results, methods)
     out = Path(cfg.output_dir)
     write_rows(results, out / "validation_results.jsonl")
-    report = (f"# Validation ({cfg.preset})\n\nCommand: `python -m scheduler.validate {' '.join(cfg.get('argv', []))}`"
+    report = (f"# Validation ({cfg.preset})\n\nCommand: `python -m scheduler.validate {command_line_overrides()}`"
               f"\n\nWall time: {time.time() - start:.0f} s\n\n## Summary (sorted by worst-fold AUROC at p = 0.1)\n\n"
               f"{markdown(table)}\n\n## AUROC at p = 0.1 per fold\n\n{per_fold_table(results, methods)}\n")
-    (out / "validation.md").write_text(report)
-    (out / "validation_summary.json").write_text(json.dumps(table, indent=1))
+    write_text(report, out / "validation.md")
+    write_text(json.dumps(table, indent=1), out / "validation_summary.json")
     print(report)
     return table
 

@@ -96,6 +96,15 @@ def test_evaluation_grid_never_contains_rows_a_checkpoint_trained_on(data_dir):
     assert [sum(s.labels) for s in sets if s.name.endswith("p0.5")] == [6, 6]
 
 
+def test_full_preset_composes_on_top_of_quick():
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("evaluate", overrides=["evaluation=full", "device=cuda"])
+    assert cfg.evaluation.name == "full" and cfg.evaluation.set_size == 1000
+    assert cfg.evaluation.ratios == [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8]  # inherited from quick
+    assert list(cfg.evaluation.downstream.methods) == [] and len(cfg.evaluation.downstream.sets) == 5
+
+
 def test_markdown_pivot_of_means():
     rows = [{"method": "a", "p": 0.1, "auroc": 0.5}, {"method": "a", "p": 0.1, "auroc": 1.0},
             {"method": "b", "p": 0.1, "auroc": float("nan")}, {"method": "b", "p": 0.3, "auroc": 0.25}]
@@ -115,21 +124,22 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
     write_jsonl(data_dir / "hand.jsonl", [{"prompt": "how to hurt", "response": r, "hand_harmful": h}
                                           for r, h in (("Sure, first get a knife", True), ("I can't help", False))])
     out = tmp_path / "eval"
+    common = [f"root={data_dir}", f"checkpoints=[tiny:{ckpt_dir / 'scheduler.ckpt'}]", "tasks=[benign_cooking.jsonl]",
+              "harmful_sources=[harmful.jsonl]", "alignment_file=alignment.jsonl", "judge_harmful_files=[harmful.jsonl]",
+              "hand_labels=hand.jsonl", f"output_dir={out}"]
     result = subprocess.run(
-        [sys.executable, "-m", "scheduler.evaluate", f"root={data_dir}", f"checkpoints=[tiny:{ckpt_dir / 'scheduler.ckpt'}]",
-         "tasks=[benign_cooking.jsonl]", "harmful_sources=[harmful.jsonl]", "collection_files=[harmful.jsonl,"
-         "benign_sentiment.jsonl,benign_math.jsonl]", "alignment_file=alignment.jsonl",
-         "eval_harmful_prompts=harmful.jsonl", "judge_harmful_files=[harmful.jsonl]", "hand_labels=hand.jsonl",
-         f"lm.name_or_path={tiny_lm_path}", "lm.lora_top_layers=2", f"output_dir={out}", "evaluation.set_size=16",
+        [sys.executable, "-m", "scheduler.evaluate", *common, "collection_files=[harmful.jsonl,"
+         "benign_sentiment.jsonl,benign_math.jsonl]", "eval_harmful_prompts=harmful.jsonl",
+         f"lm.name_or_path={tiny_lm_path}", "lm.lora_top_layers=2", "evaluation.set_size=16",
          "evaluation.ratios=[0.0,0.25]", "evaluation.accuracy_rows=4", "evaluation.cost_rows=20",
          "evaluation.scalar.network_only_steps=3", "evaluation.downstream.sets=[cooking:harmful:p0.25]",
-         "evaluation.downstream.steps=2", "evaluation.downstream.harmful_prompts=4",
+         "evaluation.downstream.steps=2", "evaluation.downstream.methods=[]", "evaluation.downstream.harmful_prompts=4",
          "evaluation.downstream.max_new_tokens=4", "evaluation.downstream.accuracy_new_tokens=3"],
         capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in results["detection"]}
-    assert methods == {"uniform", "scalar_bds", "tiny", "supervised_filter", "alignment_lookup"}
+    assert methods == {"uniform", "scalar_bds", "tiny", "supervised_filter", "alignment_lookup", "label_oracle"}
     assert len(results["detection"]) == 2 * len(methods)
     uniform = next(r for r in results["detection"] if r["method"] == "uniform" and r["p"] == 0.25)
     assert uniform["auroc"] == 0.5 and uniform["harmful_weight_share"] == pytest.approx(0.25)
@@ -140,3 +150,7 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
     assert {p.name.split("_")[0] for p in (out / "plots").iterdir()} == {"roc", "weights", "history"}
     assert "## AUROC" in (out / "evaluation.md").read_text()
     assert len((out / "answers.jsonl").read_text().splitlines()) == 4 * len(methods | {"no_finetune"})
+    rerun = subprocess.run([sys.executable, "-m", "scheduler.evaluate", *common, "judges_only=true"],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads((out / "judge_agreement.json").read_text())["refusal"]["n"] == 2

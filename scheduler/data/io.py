@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,17 +189,35 @@ def _write_jsonl(rows: list[dict], handle) -> None:
         handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """A temporary file next to `path` that replaces it only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write a text file (report, JSON) atomically."""
+    path = Path(path)
+    with _atomic(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
 def write_rows(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Write rows atomically in the format named by the extension: no partial file on failure."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(f"{path}: unsupported output extension '{path.suffix}'; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with _atomic(path) as tmp:
         if suffix == ".parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -214,7 +233,4 @@ def write_rows(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
                     json.dump(rows, handle, ensure_ascii=False, indent=1)
                 else:
                     _write_jsonl(rows, handle)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
