@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -302,7 +303,11 @@ def main(cfg: DictConfig) -> None:
     # One Trainer per scalar BDS run: keep Lightning's per-run notices out of the progress output.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning.pytorch")
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,14 @@ def test_evaluation_grid_never_contains_rows_a_checkpoint_trained_on(data_dir):
     assert [sum(s.labels) for s in sets if s.name.endswith("p0.5")] == [6, 6]
 
 
+def test_missing_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "scheduler.evaluate", f"checkpoints=[{tmp_path / 'none.ckpt'}]",
+                             f"output_dir={tmp_path / 'out'}"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'none.ckpt'}: checkpoint not found"
+    assert not (tmp_path / "out").exists()
+
+
 def test_full_preset_composes_on_top_of_quick():
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
