@@ -67,10 +67,7 @@ def output_rows(examples: list[Example], result: ScoreResult) -> list[dict]:
 
 
 def plot_histogram(weights: np.ndarray, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from scheduler.plots import plt, save_figure  # pyplot on the Agg backend, loaded only when a histogram is asked for
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(weights, bins=50, color="#4477aa")
@@ -80,11 +77,7 @@ def plot_histogram(weights: np.ndarray, path: Path) -> Path:
     ax.set_title(f"{len(weights)} rows")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path: str | Path, chunk: int = 512,

@@ -17,19 +17,15 @@ from tqdm import tqdm
 
 from scheduler.data.io import Example
 from scheduler.evidence import LMEvidence
-from scheduler.lm import load_lm
+from scheduler.training import build_evidence
 
 
 def finetune(lm_cfg, examples: Sequence[Example], weights: np.ndarray, steps: int, batch_size: int, lr: float,
              seed: int, alignment: Sequence[Example] = (), desc: str = "fine-tuning", device: str = "cpu") -> LMEvidence:
     """A fresh LoRA adapter trained as BDS trains the LM: alignment loss + mean(w_i * nll_i) over a user batch."""
     torch.manual_seed(seed)
-    model, tokenizer = load_lm(lm_cfg.name_or_path, lm_cfg.lora_rank, lm_cfg.lora_alpha, lm_cfg.lora_top_layers,
-                               tuple(lm_cfg.target_modules))
-    model.to(device)
-    lm = LMEvidence(model, tokenizer, "none", max_prompt_tokens=lm_cfg.max_prompt_tokens,
-                    max_response_tokens=lm_cfg.max_response_tokens, precision=lm_cfg.precision,
-                    hidden_cache_rows=lm_cfg.hidden_cache_rows)
+    lm = build_evidence(lm_cfg)
+    model = lm.model.to(device)
     rng = random.Random(seed)
     weights_t = torch.as_tensor(np.asarray(weights), dtype=torch.float32, device=device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)

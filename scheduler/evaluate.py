@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,17 +27,16 @@ from tqdm import tqdm
 
 from scheduler.baselines import SupervisedFilter, alignment_lookup
 from scheduler.data.datamodule import EmbeddedSet, embed_sets
-from scheduler.data.io import DataError, Example, read_examples, write_rows, write_text
+from scheduler.data.io import DataError, Example, exit_on_data_error, read_examples, write_rows, write_text
 from scheduler.data.mixing import FineTuningSet, categories_of, mix, read_pool, read_tasks
 from scheduler.downstream import accuracy, finetune, generate
 from scheduler.evidence import LMEvidence
 from scheduler.judges import EmbeddingHarmJudge, RefusalJudge, agreement
-from scheduler.lm import load_lm
 from scheduler.metrics import detection_metrics
 from scheduler.plots import roc_curves, weight_distributions, weight_history
 from scheduler.scalar import ScalarBDS
 from scheduler.scoring import NeuralScheduler
-from scheduler.training import CONFIG_DIR, command_line_overrides, register_resolvers
+from scheduler.training import CONFIG_DIR, build_evidence, command_line_overrides, register_resolvers
 
 
 def unseen(rows: list[Example], seen: set[str]) -> list[Example]:
@@ -48,7 +46,8 @@ def unseen(rows: list[Example], seen: set[str]) -> list[Example]:
 def build_grid(cfg: DictConfig, seen: set[str]) -> tuple[list[FineTuningSet], dict[str, list[Example]]]:
     """Sets for every task x harmful source x ratio, and each task's held-out rows for accuracy."""
     rng = random.Random(cfg.seed)
-    tasks = {name: rng.sample(unseen(rows, seen), len(unseen(rows, seen))) for name, rows in read_tasks(cfg.tasks, cfg.root).items()}
+    tasks = {name: unseen(rows, seen) for name, rows in read_tasks(cfg.tasks, cfg.root).items()}
+    tasks = {name: rng.sample(rows, len(rows)) for name, rows in tasks.items()}
     held_out = {name: rows[: cfg.evaluation.accuracy_rows] for name, rows in tasks.items()}
     sets = []
     for file in cfg.harmful_sources:
@@ -111,12 +110,7 @@ class Methods:
 
     def _scalar(self, cfg: DictConfig, alignment: list[Example]) -> ScalarBDS:
         model_cfg = OmegaConf.create(self.reference.config["config"]["model"])
-        evidence = None
-        if model_cfg.signal != "none":
-            model, tokenizer = load_lm(cfg.lm.name_or_path, cfg.lm.lora_rank, cfg.lm.lora_alpha, cfg.lm.lora_top_layers,
-                                       tuple(cfg.lm.target_modules))
-            evidence = LMEvidence(model, tokenizer, model_cfg.signal, model_cfg.refusal, cfg.lm.max_prompt_tokens,
-                                  cfg.lm.max_response_tokens, cfg.lm.precision, cfg.lm.hidden_cache_rows)
+        evidence = build_evidence(cfg.lm, model_cfg.signal, model_cfg.refusal) if model_cfg.signal != "none" else None
         scalar = cfg.evaluation.scalar
         return ScalarBDS(model_cfg, self.reference.posterior, evidence, alignment, lm_batch_size=scalar.lm_batch_size,
                          network_lr=scalar.network_lr, network_updates=scalar.network_updates,
@@ -303,11 +297,8 @@ def main(cfg: DictConfig) -> None:
     # One Trainer per scalar BDS run: keep Lightning's per-run notices out of the progress output.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning.pytorch")
-    try:
+    with exit_on_data_error():
         evaluate(cfg)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

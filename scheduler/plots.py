@@ -12,13 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from scheduler.data.io import atomic_path  # noqa: E402
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+
+def save_figure(fig, path: Path, **savefig_kwargs) -> Path:
+    """Write a figure atomically (format from the extension) and free it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip("."), **savefig_kwargs)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -31,7 +32,7 @@ def roc_curves(labels: np.ndarray, weights: dict[str, np.ndarray], title: str, p
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax.set(xlabel="benign rows flagged (FPR)", ylabel="harmful rows flagged (TPR)", title=title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def weight_distributions(labels: np.ndarray, weights: dict[str, np.ndarray], title: str, path: Path) -> Path:
@@ -46,7 +47,7 @@ def weight_distributions(labels: np.ndarray, weights: dict[str, np.ndarray], tit
         ax.set(title=method, xlabel="weight")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def weight_history(history: list[np.ndarray], labels: np.ndarray, title: str, path: Path) -> Path:
@@ -61,4 +62,4 @@ def weight_history(history: list[np.ndarray], labels: np.ndarray, title: str, pa
         ax.fill_between(x, low, high, alpha=0.25)
     ax.set(xlabel="optimisation step", ylabel="weight", title=title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")

@@ -17,7 +17,7 @@ from scheduler.data.datamodule import FineTuningSetsDataModule
 from scheduler.embeddings import Embedder
 from scheduler.evidence import LMEvidence
 from scheduler.features import AlignmentBank, alignment_similarity, topk_mean_similarity
-from scheduler.lm import load_lm
+from scheduler.lm import DEFAULT_REFUSAL, load_lm
 from scheduler.module import BDSModule
 from scheduler.network import SetPosterior
 from scheduler.prior import SafetyPrior
@@ -66,6 +66,14 @@ def make_module(model_cfg: DictConfig, posterior: SetPosterior, evidence: LMEvid
                      lm_steps=model_cfg.get("lm_steps"))
 
 
+def build_evidence(lm_cfg: DictConfig, signal: str = "none", refusal: str = DEFAULT_REFUSAL) -> LMEvidence:
+    """The LM described by an `lm` config group, with a fresh LoRA adapter, wrapped for per-sample losses."""
+    model, tokenizer = load_lm(lm_cfg.name_or_path, lm_cfg.lora_rank, lm_cfg.lora_alpha, lm_cfg.lora_top_layers,
+                               tuple(lm_cfg.target_modules))
+    return LMEvidence(model, tokenizer, signal, refusal, lm_cfg.max_prompt_tokens, lm_cfg.max_response_tokens,
+                      lm_cfg.precision, lm_cfg.hidden_cache_rows)
+
+
 def build_module(cfg: DictConfig, datamodule: FineTuningSetsDataModule) -> BDSModule:
     """The BDSModule for a training run: calibrated posterior plus, unless disabled, the co-trained LM."""
     config = scheduler_config(cfg.model, datamodule.embedder, cfg)
@@ -73,10 +81,7 @@ def build_module(cfg: DictConfig, datamodule: FineTuningSetsDataModule) -> BDSMo
     posterior = calibrated_posterior(config, AlignmentBank(*datamodule.alignment_embeddings()), training_prompts)
     evidence = None
     if cfg.lm.get("name_or_path") and cfg.model.signal != "none":
-        model, tokenizer = load_lm(cfg.lm.name_or_path, cfg.lm.lora_rank, cfg.lm.lora_alpha, cfg.lm.lora_top_layers,
-                                   tuple(cfg.lm.target_modules))
-        evidence = LMEvidence(model, tokenizer, cfg.model.signal, cfg.model.refusal, cfg.lm.max_prompt_tokens,
-                              cfg.lm.max_response_tokens, cfg.lm.precision, cfg.lm.hidden_cache_rows)
+        evidence = build_evidence(cfg.lm, cfg.model.signal, cfg.model.refusal)
     module = make_module(cfg.model, posterior, evidence, datamodule.n_train_rows)
     # Which rows trained this checkpoint, so an evaluation can prove its data unseen (keys, not text).
     config["training_rows"] = sorted({e.key for s in datamodule.train_sets for e in s.examples})

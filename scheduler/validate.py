@@ -17,7 +17,6 @@ import json
 import logging
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from scheduler.baselines import SupervisedFilter, alignment_lookup
 from scheduler.data.datamodule import EmbeddedSet, SetBatch, embed_sets
-from scheduler.data.io import DataError, Example, write_rows, write_text
+from scheduler.data.io import Example, exit_on_data_error, write_rows, write_text
 from scheduler.data.mixing import (FineTuningSet, build_training_sets, categories_of, mix, read_pool, read_tasks,
                                    split_by_category)
 from scheduler.embeddings import Embedder
@@ -204,11 +203,8 @@ def validate(cfg: DictConfig) -> list[dict]:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="validate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_data_error():
         validate(cfg)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ line (or row), the field and what was expected, because users fix data by hand.
 
 from __future__ import annotations
 
-import hashlib
-
 import csv
+import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -190,7 +190,7 @@ def _write_jsonl(rows: list[dict], handle) -> None:
 
 
 @contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary file next to `path` that replaces it only if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -203,10 +203,20 @@ def _atomic(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def exit_on_data_error() -> Iterator[None]:
+    """For command-line entry points: bad input ends in one line on stderr and exit status 2."""
+    try:
+        yield
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def write_text(text: str, path: str | os.PathLike) -> Path:
     """Write a text file (report, JSON) atomically."""
     path = Path(path)
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
 
@@ -217,7 +227,7 @@ def write_rows(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(f"{path}: unsupported output extension '{path.suffix}'; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         if suffix == ".parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
