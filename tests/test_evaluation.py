@@ -98,7 +98,8 @@ def test_evaluation_grid_never_contains_rows_a_checkpoint_trained_on(data_dir):
 
 def test_missing_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path):
     result = subprocess.run([sys.executable, "-m", "scheduler.evaluate", f"checkpoints=[{tmp_path / 'none.ckpt'}]",
-                             f"output_dir={tmp_path / 'out'}"], capture_output=True, text=True, cwd=ROOT)
+                             f"output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                            capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'none.ckpt'}: checkpoint not found"
     assert not (tmp_path / "out").exists()
@@ -134,7 +135,7 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
     out = tmp_path / "eval"
     common = [f"root={data_dir}", f"checkpoints=[tiny:{ckpt_dir / 'scheduler.ckpt'}]", "tasks=[benign_cooking.jsonl]",
               "harmful_sources=[harmful.jsonl]", "alignment_file=alignment.jsonl", "judge_harmful_files=[harmful.jsonl]",
-              "hand_labels=hand.jsonl", f"output_dir={out}"]
+              "hand_labels=hand.jsonl", f"output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
     result = subprocess.run(
         [sys.executable, "-m", "scheduler.evaluate", *common, "collection_files=[harmful.jsonl,"
          "benign_sentiment.jsonl,benign_math.jsonl]", "eval_harmful_prompts=harmful.jsonl",
