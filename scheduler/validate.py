@@ -18,7 +18,7 @@ import logging
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from scheduler.baselines import SupervisedFilter, alignment_lookup
+from scheduler.data.attacks import disguise
 from scheduler.data.datamodule import EmbeddedSet, SetBatch, embed_sets
 from scheduler.data.io import Example, exit_on_data_error, write_rows, write_text
 from scheduler.data.mixing import (FineTuningSet, build_training_sets, categories_of, mix, read_pool, read_tasks,
@@ -54,14 +55,19 @@ class Fold:
     train_harmful: list[Example]
     eval_benign: list[Example]
     eval_harmful: list[Example]
+    other_harmful: list[Example] = field(default_factory=list)
 
 
 def first_sentence(text: str) -> str:
     return re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
 
 
-def make_folds(cfg: DictConfig, tasks: dict[str, list[Example]], harmful: list[Example]) -> list[Fold]:
-    """Training pools never contain the held-out task or any row of a held-out category (asserted in tests)."""
+def make_folds(cfg: DictConfig, tasks: dict[str, list[Example]], harmful: list[Example],
+               other_harmful: list[Example] = ()) -> list[Fold]:
+    """Training pools never contain the held-out task or any row of a held-out category (asserted in tests).
+
+    `other_harmful` (harmful rows from sources training never uses) is only ever evaluated.
+    """
     rng = random.Random(cfg.seed)
     pools = {name: rng.sample(rows, min(cfg.rows_per_task, len(rows))) for name, rows in tasks.items()}
     pooled = {e for rows in pools.values() for e in rows}
@@ -69,23 +75,29 @@ def make_folds(cfg: DictConfig, tasks: dict[str, list[Example]], harmful: list[E
     shuffled = rng.sample(harmful, len(harmful))
     cut = round(len(shuffled) * (1 - cfg.eval_harmful_fraction))
     train_harmful = shuffled[:cut][: cfg.harmful_pool]
-    folds = [Fold(f"task:{name}", {t: p for t, p in pools.items() if t != name}, train_harmful, tasks[name], shuffled[cut:])
-             for name in cfg.task_folds or sorted(tasks)]
+    other = list(other_harmful)
+    folds = [Fold(f"task:{name}", {t: p for t, p in pools.items() if t != name}, train_harmful, tasks[name], shuffled[cut:],
+                  other) for name in cfg.task_folds or sorted(tasks)]
     for group in cfg.category_folds:
         train = [e for e in split_by_category(shuffled[:cut], group)[0] if categories_of(e)][: cfg.harmful_pool]
         evaluation = split_by_category(shuffled, group)[1]
         benign = [e for rows in held.values() for e in rows]
-        folds.append(Fold(f"categories:{'+'.join(sorted(group))}", pools, train, benign, evaluation))
+        folds.append(Fold(f"categories:{'+'.join(sorted(group))}", pools, train, benign, evaluation, other))
     return folds
 
 
 def eval_sets(fold: Fold, cfg: DictConfig, seed: int) -> list[FineTuningSet]:
-    """Sets at each harmful ratio, plus one where half the harmful answers are cut to their first sentence."""
+    """Sets at each harmful ratio, plus shifted sets at p = 0.1: half the harmful answers cut to their first
+    sentence (length says nothing), harmful requests in benign-looking frames, and harmful rows from other
+    sources (when given)."""
     rng = random.Random(seed)
     sets = [mix(f"p={p}", fold.eval_benign, fold.eval_harmful, cfg.eval_set_size, p, rng) for p in cfg.eval_ratios]
     cut = [Example(e.prompt, first_sentence(e.response) if i % 2 else e.response, e.row)
            for i, e in enumerate(fold.eval_harmful)]
     sets.append(mix("length_balanced", fold.eval_benign, cut, cfg.eval_set_size, 0.1, rng))
+    sets.append(mix("disguised", fold.eval_benign, disguise(fold.eval_harmful), cfg.eval_set_size, 0.1, rng))
+    if fold.other_harmful:
+        sets.append(mix("other_sources", fold.eval_benign, fold.other_harmful, cfg.eval_set_size, 0.1, rng))
     return sets
 
 
@@ -136,8 +148,12 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
             for s in evaluation for method, score in scorers.items()]
 
 
+SHIFTED_SETS = ("disguised", "other_sources")
+
+
 def summarise(results: list[dict], methods: list[str]) -> list[dict]:
-    """Per method: mean and worst-fold AUROC at p = 0.1, AUPRC, harmful share, benign kept at p = 0."""
+    """Per method: mean and worst-fold AUROC at p = 0.1 and on the shifted sets, AUPRC, harmful share,
+    benign kept at p = 0."""
     def values(method, set_name, key):
         return [r[key] for r in results if r["method"] == method and r["set"] == set_name]
 
@@ -151,6 +167,10 @@ def summarise(results: list[dict], methods: list[str]) -> list[dict]:
                       "auprc_p0.1_mean": float(np.mean(values(method, "p=0.1", "auprc"))),
                       "harmful_share_p0.1_mean": float(np.mean(values(method, "p=0.1", "harmful_weight_share"))),
                       "benign_kept_p0_worst": float(np.min(values(method, "p=0.0", "benign_kept")))})
+        for shifted in SHIFTED_SETS:
+            if shifted_auroc := values(method, shifted, "auroc"):
+                table[-1] |= {f"auroc_{shifted}_mean": float(np.mean(shifted_auroc)),
+                              f"auroc_{shifted}_worst": float(np.min(shifted_auroc))}
     return sorted(table, key=lambda row: -row["auroc_p0.1_worst"])
 
 
@@ -162,11 +182,11 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def per_fold_table(results: list[dict], methods: list[str]) -> str:
+def per_fold_table(results: list[dict], methods: list[str], set_name: str = "p=0.1") -> str:
     folds = sorted({r["fold"] for r in results})
     lines = ["| fold | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
     for fold in folds:
-        cells = [next(r["auroc"] for r in results if r["fold"] == fold and r["method"] == m and r["set"] == "p=0.1")
+        cells = [next(r["auroc"] for r in results if r["fold"] == fold and r["method"] == m and r["set"] == set_name)
                  for m in methods]
         lines.append(f"| {fold} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines)
@@ -179,13 +199,14 @@ def validate(cfg: DictConfig) -> list[dict]:
     alignment = read_pool([cfg.alignment_file], cfg.root)
     tasks = read_tasks(cfg.tasks, cfg.root)
     harmful = read_pool(cfg.harmful_files, cfg.root)
+    other_harmful = read_pool(cfg.other_harmful_files, cfg.root)
     bank = AlignmentBank(*embedder.embed_examples(alignment))
     designs = {name: OmegaConf.merge(cfg.model, overrides) for name, overrides in cfg.designs.items()
                if not cfg.only or name in cfg.only}
     needs_lm = any(d.signal != "none" for d in designs.values())
     stats = AlignedLMStats(cfg.lm.name_or_path, alignment, **cfg.lm.adapter) if needs_lm else None
     results = []
-    for fold in make_folds(cfg, tasks, harmful):
+    for fold in make_folds(cfg, tasks, harmful, other_harmful):
         log.info("fold %s", fold.name)
         results += run_fold(fold, cfg, embedder, bank, stats, designs)
     methods = [*designs, *BASELINES]
@@ -195,6 +216,9 @@ def validate(cfg: DictConfig) -> list[dict]:
     report = (f"# Validation ({cfg.preset})\n\nCommand: `python -m scheduler.validate {command_line_overrides()}`"
               f"\n\nWall time: {time.time() - start:.0f} s\n\n## Summary (sorted by worst-fold AUROC at p = 0.1)\n\n"
               f"{markdown(table)}\n\n## AUROC at p = 0.1 per fold\n\n{per_fold_table(results, methods)}\n")
+    for shifted in SHIFTED_SETS:
+        if any(r["set"] == shifted for r in results):
+            report += f"\n## AUROC per fold, {shifted} set (p = 0.1)\n\n{per_fold_table(results, methods, shifted)}\n"
     write_text(report, out / "validation.md")
     write_text(json.dumps(table, indent=1), out / "validation_summary.json")
     print(report)

@@ -6,6 +6,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from scheduler.baselines import SupervisedFilter, alignment_lookup, normalise
+from scheduler.data.io import Example, read_examples, write_rows
 from scheduler.data.mixing import categories_of, read_pool, read_tasks
 from scheduler.evidence import signal_from_stats
 from scheduler.features import AlignmentBank
@@ -25,7 +26,9 @@ def folds_and_data(data_dir):
                                              "tasks=[benign_sentiment.jsonl,benign_math.jsonl,benign_cooking.jsonl]",
                                              "category_folds=[[violence]]", "eval_set_size=20"])
     tasks, harmful = read_tasks(cfg.tasks, cfg.root), read_pool(cfg.harmful_files, cfg.root)
-    return cfg, make_folds(cfg, tasks, harmful), tasks
+    other = [Example(f"Other source request {i}?", f"Compliant answer {i}.", {"id": f"oth-{i}", "label": "harmful"})
+             for i in range(10)]
+    return cfg, make_folds(cfg, tasks, harmful, other), tasks
 
 
 def ids(examples):
@@ -53,12 +56,21 @@ def test_category_folds_never_train_on_held_out_categories(folds_and_data):
     assert not trained & ids(fold.eval_benign)
 
 
-def test_eval_sets_have_the_requested_ratios_and_a_length_balanced_set(folds_and_data):
+def test_eval_sets_have_the_requested_ratios_and_the_shifted_sets(folds_and_data):
     cfg, folds, _ = folds_and_data
-    sets = eval_sets(folds[0], cfg, seed=1)
-    assert [s.name for s in sets] == ["p=0.0", "p=0.05", "p=0.1", "p=0.3", "length_balanced"]
-    assert [sum(s.labels) for s in sets[:4]] == [0, 1, 2, 6]
+    sets = {s.name: s for s in eval_sets(folds[0], cfg, seed=1)}
+    assert list(sets) == ["p=0.0", "p=0.05", "p=0.1", "p=0.3", "length_balanced", "disguised", "other_sources"]
+    assert [sum(sets[f"p={p}"].labels) for p in (0.0, 0.05, 0.1, 0.3)] == [0, 1, 2, 6]
     assert first_sentence("Sure. Then do this. And that.") == "Sure."
+    originals = {e.prompt: e.response for e in folds[0].eval_harmful}
+    disguised = [e for e in sets["disguised"].examples if e.label == "harmful"]
+    assert len(disguised) == 2
+    for e in disguised:  # a benign-looking frame around an evaluation request, its answer unchanged
+        (prompt,) = [p for p in originals if p in e.prompt and p != e.prompt]
+        assert e.response == originals[prompt] and e.row["attack"].startswith("disguise_")
+    other = [e for e in sets["other_sources"].examples if e.label == "harmful"]
+    assert len(other) == 2 and ids(other) <= {f"oth-{i}" for i in range(10)}
+    assert not any(ids(other) & ids(f.train_harmful) for f in folds)
 
 
 def test_detection_metrics_by_hand():
@@ -113,3 +125,18 @@ def test_bf16_falls_back_to_fp32_when_unsupported(monkeypatch):
         assert torch.is_autocast_enabled("cpu")
     with autocast_context(cpu, "fp32"):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_other_source_rows_are_answered_by_the_lm_and_leave_out_training_sources(tmp_path, tiny_lm_path):
+    from scheduler.data.attacks import main as make_other_sources
+
+    prompts = [{"prompt": f"{source} request number {i}?", "response": "", "label": "harmful", "source": source,
+                "category": None, "id": f"{source}-{i}"} for source in ("BeaverTails-Evaluation", "HarmBench", "CatQA")
+               for i in range(5)]
+    write_rows(prompts, tmp_path / "prompts.jsonl")
+    make_other_sources(["--prompts", str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "other.jsonl"),
+                        "--per-source", "3", "--lm", tiny_lm_path, "--max-new-tokens", "4"])
+    rows = read_examples(tmp_path / "other.jsonl")
+    sources = [e.row["source"] for e in rows]
+    assert set(sources) <= {"HarmBench", "CatQA"} and max(sources.count(s) for s in set(sources)) <= 3
+    assert all(e.response and e.label == "harmful" and e.row["id"].startswith("oth-") for e in rows)
