@@ -47,7 +47,7 @@ def generate(lm: LMEvidence, prompts: Sequence[str], max_new_tokens: int, batch_
     """Greedy answers, with the same chat template and prompt truncation as training."""
     tokenizer, answers = lm.tokenize.tokenizer, []
     pad = lm.tokenize.pad_id
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", leave=False):
         encoded = [lm.tokenize.prompt_ids(p) for p in prompts[start:start + batch_size]]
         width = max(len(ids) for ids in encoded)
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])

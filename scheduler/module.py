@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 
 from scheduler.data.datamodule import SetBatch
 from scheduler.evidence import LMEvidence
-from scheduler.features import relation_features
+from scheduler.features import relation_features, topk_mean_similarity
 from scheduler.network import Posterior, SetPosterior
 from scheduler.transforms import get_transform, posterior_weights
 
@@ -45,7 +45,8 @@ class BDSModule(L.LightningModule):
     def __init__(self, posterior: SetPosterior, evidence: LMEvidence | None, n_rows: int, transform: str = "sigmoid",
                  n_samples: int = 8, likelihood_temperature: float = 8.0, network_lr: float = 5e-3,
                  lm_lr: float = 1e-3, network_updates: int = 2, langevin_noise: float = 0.0, weight_decay: float = 1e-4,
-                 density_ratio_weight: float = 0.0, lm_steps: int | None = None):
+                 density_ratio_weight: float = 0.0, response_density_ratio_weight: float = 0.0,
+                 lm_steps: int | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # the frozen base LM is not stored in checkpoints
@@ -58,6 +59,7 @@ class BDSModule(L.LightningModule):
         self.network_lr, self.lm_lr, self.weight_decay = network_lr, lm_lr, weight_decay
         self.network_updates, self.langevin_noise = network_updates, langevin_noise
         self.density_ratio_weight, self.lm_steps = density_ratio_weight, lm_steps
+        self.response_density_ratio_weight = response_density_ratio_weight
         self.register_buffer("energy_bank", torch.full((n_rows,), float("nan")))
         # Lightning's global_step counts every optimizer step under manual optimisation; count LM steps here.
         self.register_buffer("lm_steps_done", torch.tensor(0))
@@ -75,14 +77,19 @@ class BDSModule(L.LightningModule):
 
         The density ratio compares how well the alignment set and the row's own set explain the
         row (k-NN similarity to each): a row that resembles the defender's harmful prompts more
-        than it resembles the data it came with conflicts with the alignment set. No LM, no label.
+        than it resembles the data it came with conflicts with the alignment set. The same
+        comparison on the answers (to the alignment set's answers) still sees a harmful answer
+        when its request is disguised. No LM, no label.
         """
         energy = standardise_known(self.energy_bank[row_ids])
-        if self.density_ratio_weight:
-            relation = relation_features(prompts, responses, self.posterior.bank, self.posterior.k)
-            ratio = relation[:, 0] - relation[:, 2]
-            # In the prior's similarity units, not the set's spread: a clean set keeps a small spread.
-            energy = energy + self.density_ratio_weight * (ratio - ratio.median()) / self.posterior.prior.spread
+        weights = (self.density_ratio_weight, self.response_density_ratio_weight)
+        if any(weights):
+            bank, k = self.posterior.bank, self.posterior.k
+            relation = relation_features(prompts, responses, bank, k)
+            response_to_set = topk_mean_similarity(responses, responses, k, exclude_self=True)
+            for weight, ratio in zip(weights, (relation[:, 0] - relation[:, 2], relation[:, 1] - response_to_set)):
+                # In the prior's similarity units, not the set's spread: a clean set keeps a small spread.
+                energy = energy + weight * (ratio - ratio.median()) / self.posterior.prior.spread
         return energy
 
     def transfer_batch_to_device(self, batch: SetBatch, device: torch.device, dataloader_idx: int) -> SetBatch:

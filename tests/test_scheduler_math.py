@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from scheduler.features import AlignmentBank, relation_features, topk_mean_similarity
-from scheduler.module import standardise_known
+from scheduler.module import BDSModule, standardise_known
+from scheduler.network import SchedulerNetwork, SetPosterior
 from scheduler.prior import SafetyPrior
 from scheduler.transforms import get_transform, posterior_weights
 
@@ -74,3 +75,26 @@ def test_standardise_known_ignores_unjudged_rows():
     energy = torch.tensor([1.0, float("nan"), 3.0])
     torch.testing.assert_close(standardise_known(energy), torch.tensor([-math.sqrt(0.5), 0.0, math.sqrt(0.5)]))
     torch.testing.assert_close(standardise_known(torch.tensor([float("nan"), 2.0])), torch.zeros(2))
+
+
+def test_density_ratio_energy_by_hand_prompt_and_answer():
+    """Row 0's request is disguised (its prompt looks like the set's) but its answer is like the alignment
+    set's answers and unlike the set's: only the answer's density ratio sees it."""
+    bank = AlignmentBank(unit([[1, 0, 0]]), unit([[0, 1, 0]]))
+    prompts = unit([[0, 0.1, 1], [0, 0, 1], [0, 0.2, 1]])
+    responses = unit([[0, 1, 0], [1, 0, 1], [1, 0, 1]])
+    posterior = SetPosterior(SchedulerNetwork(3, hidden=8), SafetyPrior("alignment"), bank, k=1)
+    row_ids = torch.arange(3)
+
+    def energy(prompt_weight, answer_weight):
+        module = BDSModule(posterior, None, n_rows=3, density_ratio_weight=prompt_weight,
+                           response_density_ratio_weight=answer_weight)
+        return module.set_energy(row_ids, prompts, responses)
+
+    torch.testing.assert_close(energy(0.0, 0.0), torch.zeros(3))  # no LM has judged a row, no embedding term
+    prompt_only = energy(1.0, 0.0)
+    assert prompt_only.abs().max() < 0.05  # every prompt is far from the alignment prompt
+    # answers: row 0 has similarity 1 to the alignment answer and 0 to the others; rows 1-2 the reverse,
+    # with similarity 1 to each other. Ratios 1 - 0, 0 - 1, 0 - 1; median -1; prior spread 1.
+    torch.testing.assert_close(energy(0.0, 1.0), torch.tensor([2.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(energy(1.0, 0.5), prompt_only + torch.tensor([1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
