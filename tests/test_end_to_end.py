@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import train_overrides
 
 from scheduler import NeuralScheduler
@@ -21,8 +22,10 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir, tiny_embedder_path, tiny_lm_path) -> Path:
+    """A run with the co-trained LM's refusal evidence (the default design uses no LM)."""
     out = tmp_path_factory.mktemp("run")
-    result = run("train_scheduler.py", *train_overrides(data_dir, out, tiny_embedder_path, tiny_lm_path))
+    result = run("train_scheduler.py", *train_overrides(data_dir, out, tiny_embedder_path, tiny_lm_path),
+                 "model.signal=refusal")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checkpoint:" in result.stdout and "weighted below 0.5" in result.stdout
     return out
@@ -34,6 +37,9 @@ def test_training_writes_checkpoint_and_scores_the_demo_set(trained):
     scored = [json.loads(line) for line in (trained / "demo.scored.jsonl").read_text().splitlines()]
     assert len(scored) == 20 and all("weight" in row and "label" in row for row in scored)
     assert (trained / "demo.scored.hist.png").stat().st_size > 0
+    state = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert any("lora_" in key for key in state)  # the co-trained adapter is kept for resuming, the base LM is not
+    assert not any(key.startswith("lm.") and "lora_" not in key for key in state)
 
 
 def test_apply_script_adds_weights_and_keeps_rows(trained, data_dir, tmp_path):
@@ -67,7 +73,8 @@ def test_checkpoint_loads_in_python_and_scores_any_schema(trained):
 
 def test_resume_from_last_checkpoint(trained, data_dir, tiny_embedder_path, tiny_lm_path, tmp_path):
     overrides = train_overrides(data_dir, tmp_path, tiny_embedder_path, tiny_lm_path, steps=8)
-    result = run("train_scheduler.py", *overrides, f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "demo_input=null")
+    result = run("train_scheduler.py", *overrides, f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "demo_input=null",
+                 "model.signal=refusal")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "scheduler.ckpt").is_file()
 
@@ -77,3 +84,6 @@ def test_multirun_sweep_writes_one_checkpoint_per_job(data_dir, tiny_embedder_pa
     result = run("train_scheduler.py", "-m", *overrides, "seed=0,1", "demo_input=null")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "0" / "scheduler.ckpt").is_file() and (tmp_path / "1" / "scheduler.ckpt").is_file()
+    # The default design has no LM evidence, so no LM is loaded or stored.
+    state = torch.load(tmp_path / "0" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state and not any(key.startswith(("lm.", "evidence.")) for key in state)

@@ -52,7 +52,8 @@ def test_co_trained_lm_learns_to_refuse_harmful_prompts(data_dir, tiny_embedder_
     """Refusal evidence comes from the alignment set alone, and the network's weights follow it."""
     L.seed_everything(0)
     cfg = compose_train(train_overrides(data_dir, tmp_path, tiny_embedder_path, tiny_lm_path) +
-                        ["model.lm_lr=1e-2", "model.prior.kind=constant", "lm.lora_top_layers=null", "lm.lora_rank=16", "model.lm_steps=60"])
+                        ["model.signal=refusal", "model.response_density_ratio_weight=0", "model.lm_lr=1e-2",
+                         "model.prior.kind=constant", "lm.lora_top_layers=null", "lm.lora_rank=16", "model.lm_steps=60"])
     from scheduler.embeddings import Embedder
     import hydra
 
