@@ -63,7 +63,8 @@ def make_module(model_cfg: DictConfig, posterior: SetPosterior, evidence: LMEvid
                      likelihood_temperature=model_cfg.likelihood_temperature, network_lr=model_cfg.network_lr,
                      lm_lr=model_cfg.lm_lr, network_updates=model_cfg.network_updates,
                      langevin_noise=model_cfg.langevin_noise, density_ratio_weight=model_cfg.density_ratio_weight,
-                     response_density_ratio_weight=model_cfg.response_density_ratio_weight,
+                     # absent from checkpoints written before the answer's density ratio existed
+                     response_density_ratio_weight=model_cfg.get("response_density_ratio_weight", 0.0),
                      lm_steps=model_cfg.get("lm_steps"))
 
 

@@ -108,3 +108,17 @@ def test_lower_layer_cache_gives_the_same_losses_and_gradients_and_skips_the_fro
     cache.response_nll(other)
     assert len(cache.hidden) == 3  # bounded: the oldest sequences were dropped
     assert LowerLayerCache.for_model(load_lm(tiny_lm_path, lora_top_layers=None)[0]) is None  # nothing frozen below
+
+
+def test_model_config_of_an_older_checkpoint_still_builds_a_module():
+    """Checkpoints store their model config; one written before the answer's density ratio lacks the key."""
+    from omegaconf import OmegaConf
+
+    from scheduler.training import make_module
+
+    model_cfg = OmegaConf.load(CONFIG_DIR / "model" / "default.yaml")
+    bank = AlignmentBank(torch.eye(4)[:2], torch.eye(4)[2:])
+    posterior = SetPosterior(SchedulerNetwork(4, hidden=8), SafetyPrior("alignment"), bank, k=1)
+    assert make_module(model_cfg, posterior, None, n_rows=3).response_density_ratio_weight == 1.0
+    del model_cfg["response_density_ratio_weight"]
+    assert make_module(model_cfg, posterior, None, n_rows=3).response_density_ratio_weight == 0.0
