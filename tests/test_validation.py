@@ -140,3 +140,16 @@ def test_other_source_rows_are_answered_by_the_lm_and_leave_out_training_sources
     sources = [e.row["source"] for e in rows]
     assert set(sources) <= {"HarmBench", "CatQA"} and max(sources.count(s) for s in set(sources)) <= 3
     assert all(e.response and e.label == "harmful" and e.row["id"].startswith("oth-") for e in rows)
+
+
+def test_paper_experiment_is_the_validated_paper_design():
+    """`train_scheduler.py experiment=paper` must train the design that validation reports as paper_loss."""
+    from omegaconf import OmegaConf
+
+    register_resolvers()
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        validated = compose("validate")
+        trained = compose("train", overrides=["experiment=paper"]).model
+    design = OmegaConf.merge(validated.model, validated.designs.paper_loss)
+    assert OmegaConf.to_container(trained) == OmegaConf.to_container(design)
+    assert (trained.signal, trained.transform, trained.prior.kind) == ("loss", "softmax", "constant")
