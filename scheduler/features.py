@@ -58,6 +58,43 @@ def relation_features(prompts: torch.Tensor, responses: torch.Tensor, bank: Alig
     return torch.stack([to_alignment, response_to_alignment, to_set, centred], dim=-1)
 
 
+@dataclass(frozen=True)
+class SetEvidence:
+    """What a set's own rows say about each row, without an LM or a label: the density ratios.
+
+    A row that resembles the alignment set (k-NN similarity) more than it resembles the other rows
+    of its set conflicts with the alignment set: for the prompt, and, which still sees a harmful
+    answer behind a disguised request, for the answer against the alignment set's answers. Each
+    ratio is centred on the set's median and put in the prior's similarity units (not the set's
+    spread, so a clean set keeps a small spread). `scoring_weight` adds this evidence to the
+    amortised posterior's logit when a set is scored (0 = the network alone).
+    """
+
+    prompt_weight: float = 0.0
+    response_weight: float = 0.0
+    scoring_weight: float = 0.0
+
+    def energy(self, prompts: torch.Tensor, responses: torch.Tensor, bank: AlignmentBank, k: int,
+               spread: torch.Tensor) -> torch.Tensor:
+        """Per-row energy (higher = more in conflict with the alignment set); zeros when both weights are 0."""
+        energy = torch.zeros(len(prompts), device=prompts.device)
+        if not (self.prompt_weight or self.response_weight):
+            return energy
+        for weight, ratio in zip((self.prompt_weight, self.response_weight),
+                                 density_ratios(prompts, responses, bank, k)):
+            energy = energy + weight * (ratio - ratio.median()) / spread
+        return energy
+
+
+def density_ratios(prompts: torch.Tensor, responses: torch.Tensor, bank: AlignmentBank,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, answer): k-NN similarity to the alignment set minus k-NN similarity to the row's own set."""
+    relation = relation_features(prompts, responses, bank, k)
+    response_to_set = (topk_mean_similarity(responses, responses, k, exclude_self=True) if len(responses) > 1
+                       else torch.ones_like(relation[:, 1]))
+    return relation[:, 0] - relation[:, 2], relation[:, 1] - response_to_set
+
+
 def set_summary(prompts: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
     """A fixed-size description of the whole set: mean prompt embedding and mean/spread of the relations."""
     spread = relation.std(0) if len(relation) > 1 else torch.zeros(relation.shape[-1], device=relation.device)

@@ -22,7 +22,6 @@ from sklearn.metrics import roc_auc_score
 
 from scheduler.data.datamodule import SetBatch
 from scheduler.evidence import LMEvidence
-from scheduler.features import relation_features, topk_mean_similarity
 from scheduler.network import Posterior, SetPosterior
 from scheduler.transforms import get_transform, posterior_weights
 
@@ -45,7 +44,6 @@ class BDSModule(L.LightningModule):
     def __init__(self, posterior: SetPosterior, evidence: LMEvidence | None, n_rows: int, transform: str = "sigmoid",
                  n_samples: int = 8, likelihood_temperature: float = 8.0, network_lr: float = 5e-3,
                  lm_lr: float = 1e-3, network_updates: int = 2, langevin_noise: float = 0.0, weight_decay: float = 1e-4,
-                 density_ratio_weight: float = 0.0, response_density_ratio_weight: float = 0.0,
                  lm_steps: int | None = None):
         super().__init__()
         self.automatic_optimization = False
@@ -58,8 +56,7 @@ class BDSModule(L.LightningModule):
         self.n_samples, self.temperature = n_samples, likelihood_temperature
         self.network_lr, self.lm_lr, self.weight_decay = network_lr, lm_lr, weight_decay
         self.network_updates, self.langevin_noise = network_updates, langevin_noise
-        self.density_ratio_weight, self.lm_steps = density_ratio_weight, lm_steps
-        self.response_density_ratio_weight = response_density_ratio_weight
+        self.lm_steps = lm_steps
         self.register_buffer("energy_bank", torch.full((n_rows,), float("nan")))
         # Lightning's global_step counts every optimizer step under manual optimisation; count LM steps here.
         self.register_buffer("lm_steps_done", torch.tensor(0))
@@ -73,24 +70,9 @@ class BDSModule(L.LightningModule):
         return optimizers
 
     def set_energy(self, row_ids: torch.Tensor, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
-        """Standardised LM energy of the judged rows plus, optionally, the embedding density-ratio evidence.
-
-        The density ratio compares how well the alignment set and the row's own set explain the
-        row (k-NN similarity to each): a row that resembles the defender's harmful prompts more
-        than it resembles the data it came with conflicts with the alignment set. The same
-        comparison on the answers (to the alignment set's answers) still sees a harmful answer
-        when its request is disguised. No LM, no label.
-        """
-        energy = standardise_known(self.energy_bank[row_ids])
-        weights = (self.density_ratio_weight, self.response_density_ratio_weight)
-        if any(weights):
-            bank, k = self.posterior.bank, self.posterior.k
-            relation = relation_features(prompts, responses, bank, k)
-            response_to_set = topk_mean_similarity(responses, responses, k, exclude_self=True)
-            for weight, ratio in zip(weights, (relation[:, 0] - relation[:, 2], relation[:, 1] - response_to_set)):
-                # In the prior's similarity units, not the set's spread: a clean set keeps a small spread.
-                energy = energy + weight * (ratio - ratio.median()) / self.posterior.prior.spread
-        return energy
+        """Standardised LM energy of the judged rows plus the set's own embedding evidence (density ratios,
+        `SetEvidence`): no LM, no label."""
+        return standardise_known(self.energy_bank[row_ids]) + self.posterior.set_energy(prompts, responses)
 
     def transfer_batch_to_device(self, batch: SetBatch, device: torch.device, dataloader_idx: int) -> SetBatch:
         """Tensors are moved where they are used; the batch also holds raw text for the LM."""
@@ -146,7 +128,7 @@ class BDSModule(L.LightningModule):
             parameter.add_(torch.randn_like(parameter) * math.sqrt(2 * lr) * self.langevin_noise)
 
     def validation_step(self, batch: SetBatch, batch_idx: int) -> None:
-        posterior = self.posterior(batch.set.prompts.to(self.device), batch.set.responses.to(self.device))
+        posterior = self.posterior.score(batch.set.prompts.to(self.device), batch.set.responses.to(self.device))
         weights, _ = posterior_weights(posterior.mu, posterior.sigma, self.transform)
         labels = batch.set.labels.to(weights.device)
         metrics = {"val/mean_benign_weight": weights[labels == 0].mean()}

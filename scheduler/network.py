@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scheduler.features import N_RELATION_FEATURES, AlignmentBank, relation_features, set_summary
+from scheduler.features import N_RELATION_FEATURES, AlignmentBank, SetEvidence, relation_features, set_summary
 from scheduler.prior import SafetyPrior
 
 
@@ -82,11 +82,13 @@ class Posterior:
 class SetPosterior(nn.Module):
     """Everything needed to turn one fine-tuning set's embeddings into per-sample posteriors."""
 
-    def __init__(self, network: SchedulerNetwork, prior: SafetyPrior, bank: AlignmentBank, k: int = 10):
+    def __init__(self, network: SchedulerNetwork, prior: SafetyPrior, bank: AlignmentBank, k: int = 10,
+                 evidence: SetEvidence = SetEvidence()):
         super().__init__()
         self.network = network
         self.prior = prior
         self.k = k
+        self.evidence = evidence
         self.register_buffer("bank_prompts", bank.prompts)
         self.register_buffer("bank_responses", bank.responses)
 
@@ -95,7 +97,26 @@ class SetPosterior(nn.Module):
         return AlignmentBank(self.bank_prompts, self.bank_responses)
 
     def forward(self, prompts: torch.Tensor, responses: torch.Tensor) -> Posterior:
+        """The amortised posterior, as the BDS objective trains it."""
         relation = relation_features(prompts, responses, self.bank, self.k)
         prior_mean = self.prior.mean(relation[:, 0])
         offset, sigma = self.network(prompts, responses, relation, set_summary(prompts, relation))
         return Posterior(prior_mean + offset, sigma, prior_mean)
+
+    def set_energy(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        """The set's own embedding evidence about each row (`SetEvidence`), in the prior's units."""
+        return self.evidence.energy(prompts, responses, self.bank, self.k, self.prior.spread)
+
+    def score(self, prompts: torch.Tensor, responses: torch.Tensor) -> Posterior:
+        """The posterior a scored set gets: the network's, with the set's own evidence added to the logit.
+
+        The network learned to predict the evidence of sets like its training sets; on a new set the
+        evidence can be computed exactly, and validation found that adding it again (a product of the
+        amortised posterior and the set's density-ratio likelihood) singles out harmful rows of unseen
+        tasks, disguised requests and other sources better, at some cost in benign rows kept.
+        """
+        posterior = self(prompts, responses)
+        if self.evidence.scoring_weight:
+            shift = self.evidence.scoring_weight * self.set_energy(prompts, responses)
+            posterior = Posterior(posterior.mu - shift, posterior.sigma, posterior.prior_mean)
+        return posterior

@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader
 from scheduler.data.datamodule import EmbeddedSet, SetBatch
 from scheduler.data.io import Example
 from scheduler.evidence import LMEvidence
+from scheduler.features import SetEvidence
 from scheduler.network import ScalarNetwork, SetPosterior
-from scheduler.training import make_module
+from scheduler.training import evidence_config, make_module
 from scheduler.transforms import posterior_weights
 
 
@@ -78,8 +79,10 @@ class ScalarBDS:
         n = len(embedded.examples)
         local = EmbeddedSet(embedded.name, embedded.examples, embedded.prompts, embedded.responses,
                             torch.arange(n), embedded.labels)
+        # the scalar posterior weighs the set's evidence in its own optimisation, not again at scoring
+        evidence = SetEvidence(**{**evidence_config(self.model_cfg), "scoring_weight": 0.0})
         posterior = SetPosterior(ScalarNetwork(n, self.model_cfg.network.init_sigma), copy.deepcopy(self.reference.prior),
-                                 self.reference.bank, self.reference.k)
+                                 self.reference.bank, self.reference.k, evidence)
         module = make_module(self.model_cfg, posterior, self.evidence, n_rows=n)
         history = WeightHistory(local)
         trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

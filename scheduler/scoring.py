@@ -16,7 +16,7 @@ import torch
 
 from scheduler.data.io import DataError, Example, examples_from_rows
 from scheduler.embeddings import Embedder
-from scheduler.features import AlignmentBank
+from scheduler.features import AlignmentBank, SetEvidence
 from scheduler.network import SchedulerNetwork, SetPosterior
 from scheduler.prior import SafetyPrior
 from scheduler.transforms import posterior_weights
@@ -43,7 +43,8 @@ def build_posterior(config: dict[str, Any], bank: AlignmentBank) -> SetPosterior
     """The SetPosterior described by a checkpoint's `scheduler` entry (also used at training time)."""
     network = SchedulerNetwork(config["embed_dim"], **config["network"])
     prior = SafetyPrior(**config["prior"])
-    return SetPosterior(network, prior, bank, k=config["k"])
+    # checkpoints written before the set's evidence was stored score with the network alone
+    return SetPosterior(network, prior, bank, k=config["k"], evidence=SetEvidence(**config.get("evidence", {})))
 
 
 class NeuralScheduler:
@@ -84,7 +85,7 @@ class NeuralScheduler:
 
     @torch.no_grad()
     def score_embeddings(self, prompts: torch.Tensor, responses: torch.Tensor) -> ScoreResult:
-        posterior = self.posterior(prompts, responses)
+        posterior = self.posterior.score(prompts, responses)
         weight, std = posterior_weights(posterior.mu, posterior.sigma, self.transform)
         return ScoreResult(weight.numpy(), std.numpy(), posterior.mu.numpy(), posterior.sigma.numpy(),
                            posterior.prior_mean.numpy())

@@ -39,9 +39,17 @@ def scheduler_config(model_cfg: DictConfig, embedder: Embedder, full_cfg: DictCo
     """What the checkpoint must carry to rebuild and use the network without the training config."""
     return {"embedder": embedder.name, "embedder_max_seq_length": embedder.max_seq_length, "embed_dim": embedder.dim,
             "k": model_cfg.k, "network": OmegaConf.to_container(model_cfg.network),
-            "prior": OmegaConf.to_container(model_cfg.prior), "signal": model_cfg.signal,
+            "prior": OmegaConf.to_container(model_cfg.prior), "evidence": evidence_config(model_cfg),
+            "signal": model_cfg.signal,
             "transform": model_cfg.transform, "family": "gaussian-logit",
             "config": OmegaConf.to_container(full_cfg, resolve=True) if full_cfg is not None else None}
+
+
+def evidence_config(model_cfg: DictConfig) -> dict[str, float]:
+    """The `SetEvidence` weights of a model config (keys absent from configs older than them mean 0)."""
+    return {"prompt_weight": model_cfg.density_ratio_weight,
+            "response_weight": model_cfg.get("response_density_ratio_weight", 0.0),
+            "scoring_weight": model_cfg.get("scoring_evidence_weight", 0.0)}
 
 
 def calibrate_prior(prior: SafetyPrior, bank: AlignmentBank, training_prompts: torch.Tensor, k: int) -> SafetyPrior:
@@ -62,10 +70,7 @@ def make_module(model_cfg: DictConfig, posterior: SetPosterior, evidence: LMEvid
     return BDSModule(posterior, evidence, n_rows=n_rows, transform=model_cfg.transform, n_samples=model_cfg.n_samples,
                      likelihood_temperature=model_cfg.likelihood_temperature, network_lr=model_cfg.network_lr,
                      lm_lr=model_cfg.lm_lr, network_updates=model_cfg.network_updates,
-                     langevin_noise=model_cfg.langevin_noise, density_ratio_weight=model_cfg.density_ratio_weight,
-                     # absent from checkpoints written before the answer's density ratio existed
-                     response_density_ratio_weight=model_cfg.get("response_density_ratio_weight", 0.0),
-                     lm_steps=model_cfg.get("lm_steps"))
+                     langevin_noise=model_cfg.langevin_noise, lm_steps=model_cfg.get("lm_steps"))
 
 
 def build_evidence(lm_cfg: DictConfig, signal: str = "none", refusal: str = DEFAULT_REFUSAL) -> LMEvidence:

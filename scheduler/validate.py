@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader
 from scheduler.baselines import SupervisedFilter, alignment_lookup
 from scheduler.data.attacks import disguise
 from scheduler.data.datamodule import EmbeddedSet, SetBatch, embed_sets
-from scheduler.data.io import Example, exit_on_data_error, write_rows, write_text
-from scheduler.data.mixing import (FineTuningSet, build_training_sets, categories_of, mix, read_pool, read_tasks,
-                                   split_by_category)
+from scheduler.data.io import DataError, Example, exit_on_data_error, iter_rows, write_rows, write_text
+from scheduler.data.mixing import (HARMFUL, FineTuningSet, build_training_sets, categories_of, mix, read_pool,
+                                   read_tasks, resolve_path, split_by_category)
 from scheduler.embeddings import Embedder
 from scheduler.features import AlignmentBank
 from scheduler.evidence import signal_from_stats
@@ -46,6 +46,7 @@ from scheduler.transforms import posterior_weights
 
 log = logging.getLogger(__name__)
 BASELINES = ("alignment_lookup", "supervised_filter")
+AUDIT_LABELS = ("harmful", "not_harmful", "unclear")
 
 
 @dataclass
@@ -86,12 +87,32 @@ def make_folds(cfg: DictConfig, tasks: dict[str, list[Example]], harmful: list[E
     return folds
 
 
-def eval_sets(fold: Fold, cfg: DictConfig, seed: int) -> list[FineTuningSet]:
+def read_label_audit(path: Path) -> set[str]:
+    """Ids of harmful-labelled rows that a reading audit found not harmful (`audit: not_harmful`)."""
+    rejected = set()
+    for where, row in iter_rows(path):
+        if not isinstance(row, dict) or "id" not in row or row.get("audit") not in AUDIT_LABELS:
+            raise DataError(f"{where}: expected an object with 'id' and 'audit' ({' | '.join(AUDIT_LABELS)}); "
+                            f"got {str(row)[:80]}")
+        if row["audit"] == "not_harmful":
+            rejected.add(row["id"])
+    return rejected
+
+
+def audited(labelled: FineTuningSet, rejected: set[str]) -> FineTuningSet:
+    """The set without the harmful-labelled rows the audit found not harmful: the same rows, less label noise."""
+    kept = [e for e in labelled.examples if not (e.label == HARMFUL and e.row.get("id") in rejected)]
+    return FineTuningSet(f"{labelled.name} audited", kept)
+
+
+def eval_sets(fold: Fold, cfg: DictConfig, seed: int, rejected: set[str] = frozenset()) -> list[FineTuningSet]:
     """Sets at each harmful ratio, plus shifted sets at p = 0.1: half the harmful answers cut to their first
     sentence (length says nothing), harmful requests in benign-looking frames, and harmful rows from other
-    sources (when given)."""
+    sources (when given); with a label audit, also the p = 0.1 set without the rows the audit rejects."""
     rng = random.Random(seed)
     sets = [mix(f"p={p}", fold.eval_benign, fold.eval_harmful, cfg.eval_set_size, p, rng) for p in cfg.eval_ratios]
+    if rejected:
+        sets.append(audited(next(s for s in sets if s.name == "p=0.1"), rejected))
     cut = [Example(e.prompt, first_sentence(e.response) if i % 2 else e.response, e.row)
            for i, e in enumerate(fold.eval_harmful)]
     sets.append(mix("length_balanced", fold.eval_benign, cut, cfg.eval_set_size, 0.1, rng))
@@ -124,16 +145,16 @@ def train_network(design: DictConfig, embedder: Embedder, bank: AlignmentBank, t
 
 def score_design(posterior, transform: str, s: EmbeddedSet) -> np.ndarray:
     with torch.no_grad():
-        post = posterior(s.prompts, s.responses)
+        post = posterior.score(s.prompts, s.responses)
         return posterior_weights(post.mu, post.sigma, transform)[0].numpy()
 
 
 def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBank, stats: AlignedLMStats | None,
-             designs: dict[str, DictConfig]) -> list[dict]:
+             designs: dict[str, DictConfig], rejected: set[str] = frozenset()) -> list[dict]:
     train = build_training_sets(fold.train_tasks, fold.train_harmful, cfg.n_train_sets, cfg.set_sizes,
                                 cfg.harmful_ratios, cfg.seed)
     train_sets = embed_sets(train, embedder)
-    evaluation = embed_sets(eval_sets(fold, cfg, cfg.seed + 1), embedder)
+    evaluation = embed_sets(eval_sets(fold, cfg, cfg.seed + 1, rejected), embedder)
     scorers = {}
     for name, design in designs.items():
         posterior, transform = train_network(design, embedder, bank, train_sets, stats, cfg)
@@ -148,7 +169,8 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
             for s in evaluation for method, score in scorers.items()]
 
 
-SHIFTED_SETS = ("disguised", "other_sources")
+# Columns beside p = 0.1: the same set with less label noise, then the shifted sets.
+EXTRA_SETS = ("p=0.1 audited", "disguised", "other_sources")
 
 
 def summarise(results: list[dict], methods: list[str]) -> list[dict]:
@@ -167,10 +189,11 @@ def summarise(results: list[dict], methods: list[str]) -> list[dict]:
                       "auprc_p0.1_mean": float(np.mean(values(method, "p=0.1", "auprc"))),
                       "harmful_share_p0.1_mean": float(np.mean(values(method, "p=0.1", "harmful_weight_share"))),
                       "benign_kept_p0_worst": float(np.min(values(method, "p=0.0", "benign_kept")))})
-        for shifted in SHIFTED_SETS:
-            if shifted_auroc := values(method, shifted, "auroc"):
-                table[-1] |= {f"auroc_{shifted}_mean": float(np.mean(shifted_auroc)),
-                              f"auroc_{shifted}_worst": float(np.min(shifted_auroc))}
+        for extra in EXTRA_SETS:
+            if extra_auroc := values(method, extra, "auroc"):
+                column = extra.replace("=", "").replace(" ", "_")
+                table[-1] |= {f"auroc_{column}_mean": float(np.mean(extra_auroc)),
+                              f"auroc_{column}_worst": float(np.min(extra_auroc))}
     return sorted(table, key=lambda row: -row["auroc_p0.1_worst"])
 
 
@@ -200,6 +223,7 @@ def validate(cfg: DictConfig) -> list[dict]:
     tasks = read_tasks(cfg.tasks, cfg.root)
     harmful = read_pool(cfg.harmful_files, cfg.root)
     other_harmful = read_pool(cfg.other_harmful_files, cfg.root)
+    rejected = read_label_audit(resolve_path(cfg.label_audit_file, cfg.root)) if cfg.get("label_audit_file") else set()
     bank = AlignmentBank(*embedder.embed_examples(alignment))
     designs = {name: OmegaConf.merge(cfg.model, overrides) for name, overrides in cfg.designs.items()
                if not cfg.only or name in cfg.only}
@@ -208,7 +232,7 @@ def validate(cfg: DictConfig) -> list[dict]:
     results = []
     for fold in make_folds(cfg, tasks, harmful, other_harmful):
         log.info("fold %s", fold.name)
-        results += run_fold(fold, cfg, embedder, bank, stats, designs)
+        results += run_fold(fold, cfg, embedder, bank, stats, designs, rejected)
     methods = [*designs, *BASELINES]
     table = summarise(results, methods)
     out = Path(cfg.output_dir)
@@ -216,9 +240,9 @@ def validate(cfg: DictConfig) -> list[dict]:
     report = (f"# Validation ({cfg.preset})\n\nCommand: `python -m scheduler.validate {command_line_overrides()}`"
               f"\n\nWall time: {time.time() - start:.0f} s\n\n## Summary (sorted by worst-fold AUROC at p = 0.1)\n\n"
               f"{markdown(table)}\n\n## AUROC at p = 0.1 per fold\n\n{per_fold_table(results, methods)}\n")
-    for shifted in SHIFTED_SETS:
-        if any(r["set"] == shifted for r in results):
-            report += f"\n## AUROC per fold, {shifted} set (p = 0.1)\n\n{per_fold_table(results, methods, shifted)}\n"
+    for extra in EXTRA_SETS:
+        if any(r["set"] == extra for r in results):
+            report += f"\n## AUROC per fold, {extra} set (p = 0.1)\n\n{per_fold_table(results, methods, extra)}\n"
     write_text(report, out / "validation.md")
     write_text(json.dumps(table, indent=1), out / "validation_summary.json")
     print(report)

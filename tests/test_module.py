@@ -110,15 +110,19 @@ def test_lower_layer_cache_gives_the_same_losses_and_gradients_and_skips_the_fro
     assert LowerLayerCache.for_model(load_lm(tiny_lm_path, lora_top_layers=None)[0]) is None  # nothing frozen below
 
 
-def test_model_config_of_an_older_checkpoint_still_builds_a_module():
-    """Checkpoints store their model config; one written before the answer's density ratio lacks the key."""
+def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
+    """A model config written before the answer's density ratio or the scoring evidence lacks their keys;
+    a checkpoint's scheduler entry written before the set's evidence was stored lacks `evidence`."""
     from omegaconf import OmegaConf
 
-    from scheduler.training import make_module
+    from scheduler.features import SetEvidence
+    from scheduler.scoring import build_posterior
+    from scheduler.training import evidence_config
 
     model_cfg = OmegaConf.load(CONFIG_DIR / "model" / "default.yaml")
+    assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 1.0, "scoring_weight": 1.0}
+    del model_cfg["response_density_ratio_weight"], model_cfg["scoring_evidence_weight"]
+    assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 0.0, "scoring_weight": 0.0}
     bank = AlignmentBank(torch.eye(4)[:2], torch.eye(4)[2:])
-    posterior = SetPosterior(SchedulerNetwork(4, hidden=8), SafetyPrior("alignment"), bank, k=1)
-    assert make_module(model_cfg, posterior, None, n_rows=3).response_density_ratio_weight == 1.0
-    del model_cfg["response_density_ratio_weight"]
-    assert make_module(model_cfg, posterior, None, n_rows=3).response_density_ratio_weight == 0.0
+    old_entry = {"embed_dim": 4, "network": {"hidden": 8}, "prior": {"kind": "alignment"}, "k": 1}
+    assert build_posterior(old_entry, bank).evidence == SetEvidence()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from scheduler.features import AlignmentBank, relation_features, topk_mean_similarity
+from scheduler.features import AlignmentBank, SetEvidence, relation_features, topk_mean_similarity
 from scheduler.module import BDSModule, standardise_known
 from scheduler.network import SchedulerNetwork, SetPosterior
 from scheduler.prior import SafetyPrior
@@ -83,13 +83,12 @@ def test_density_ratio_energy_by_hand_prompt_and_answer():
     bank = AlignmentBank(unit([[1, 0, 0]]), unit([[0, 1, 0]]))
     prompts = unit([[0, 0.1, 1], [0, 0, 1], [0, 0.2, 1]])
     responses = unit([[0, 1, 0], [1, 0, 1], [1, 0, 1]])
-    posterior = SetPosterior(SchedulerNetwork(3, hidden=8), SafetyPrior("alignment"), bank, k=1)
     row_ids = torch.arange(3)
 
     def energy(prompt_weight, answer_weight):
-        module = BDSModule(posterior, None, n_rows=3, density_ratio_weight=prompt_weight,
-                           response_density_ratio_weight=answer_weight)
-        return module.set_energy(row_ids, prompts, responses)
+        posterior = SetPosterior(SchedulerNetwork(3, hidden=8), SafetyPrior("alignment"), bank, k=1,
+                                 evidence=SetEvidence(prompt_weight, answer_weight))
+        return BDSModule(posterior, None, n_rows=3).set_energy(row_ids, prompts, responses)
 
     torch.testing.assert_close(energy(0.0, 0.0), torch.zeros(3))  # no LM has judged a row, no embedding term
     prompt_only = energy(1.0, 0.0)
@@ -98,3 +97,21 @@ def test_density_ratio_energy_by_hand_prompt_and_answer():
     # with similarity 1 to each other. Ratios 1 - 0, 0 - 1, 0 - 1; median -1; prior spread 1.
     torch.testing.assert_close(energy(0.0, 1.0), torch.tensor([2.0, 0.0, 0.0]), atol=1e-5, rtol=0)
     torch.testing.assert_close(energy(1.0, 0.5), prompt_only + torch.tensor([1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+
+
+def test_scoring_adds_the_sets_own_evidence_to_the_logit_and_training_does_not():
+    """The disguised row of the case above: at scoring its logit drops by scoring_weight * energy (2);
+    the posterior the BDS objective trains, and a single row (no set to compare with), are unchanged."""
+    bank = AlignmentBank(unit([[1, 0, 0]]), unit([[0, 1, 0]]))
+    prompts = unit([[0, 0.1, 1], [0, 0, 1], [0, 0.2, 1]])
+    responses = unit([[0, 1, 0], [1, 0, 1], [1, 0, 1]])
+    network = SchedulerNetwork(3, hidden=8)
+    torch.nn.init.normal_(network.head.weight)  # a network with a non-trivial offset
+    plain = SetPosterior(network, SafetyPrior("alignment"), bank, k=1, evidence=SetEvidence(0.0, 1.0)).eval()
+    scored = SetPosterior(network, SafetyPrior("alignment"), bank, k=1, evidence=SetEvidence(0.0, 1.0, 0.5)).eval()
+    with torch.no_grad():
+        trained, network_only, shifted = scored(prompts, responses), plain.score(prompts, responses), scored.score(prompts, responses)
+        torch.testing.assert_close(trained.mu, network_only.mu)
+        torch.testing.assert_close(shifted.mu, trained.mu - torch.tensor([1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(shifted.sigma, trained.sigma)
+        torch.testing.assert_close(scored.score(prompts[:1], responses[:1]).mu, scored(prompts[:1], responses[:1]).mu)

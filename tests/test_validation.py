@@ -14,7 +14,8 @@ from scheduler.lm import autocast_context, bf16_supported
 from scheduler.metrics import detection_metrics
 from scheduler.prior import SafetyPrior
 from scheduler.training import CONFIG_DIR, register_resolvers
-from scheduler.validate import eval_sets, first_sentence, make_folds
+from scheduler.data.io import DataError
+from scheduler.validate import eval_sets, first_sentence, make_folds, read_label_audit
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,30 @@ def test_eval_sets_have_the_requested_ratios_and_the_shifted_sets(folds_and_data
     other = [e for e in sets["other_sources"].examples if e.label == "harmful"]
     assert len(other) == 2 and ids(other) <= {f"oth-{i}" for i in range(10)}
     assert not any(ids(other) & ids(f.train_harmful) for f in folds)
+
+
+def test_audited_set_drops_exactly_the_harmful_rows_the_audit_rejects(folds_and_data, tmp_path):
+    cfg, folds, _ = folds_and_data
+    plain = {s.name: s for s in eval_sets(folds[0], cfg, seed=1)}["p=0.1"]
+    harmful = [e.row["id"] for e in plain.examples if e.label == "harmful"]
+    benign = next(e.row["id"] for e in plain.examples if e.label != "harmful")
+    audit = tmp_path / "audit.jsonl"
+    write_rows([{"id": harmful[0], "audit": "not_harmful"}, {"id": harmful[1], "audit": "harmful"},
+                {"id": benign, "audit": "not_harmful"}], audit)  # a benign row is never dropped
+    rejected = read_label_audit(audit)
+    assert rejected == {harmful[0], benign}
+    sets = {s.name: s for s in eval_sets(folds[0], cfg, seed=1, rejected=rejected)}
+    assert sets["p=0.1"].examples == plain.examples  # the other sets are drawn exactly as without the audit
+    assert ids(sets["p=0.1 audited"].examples) == ids(plain.examples) - {harmful[0]}
+
+
+def test_label_audit_errors_name_the_line(tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    audit.write_text('{"id": "a", "audit": "harmful"}\n{"id": "b", "audit": "maybe"}\n')
+    with pytest.raises(DataError, match=r"audit.jsonl:2: expected an object with 'id' and 'audit'"):
+        read_label_audit(audit)
+    with pytest.raises(DataError, match="file not found"):
+        read_label_audit(tmp_path / "missing.jsonl")
 
 
 def test_detection_metrics_by_hand():

@@ -157,15 +157,20 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
 _READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
 
 
-def iter_examples(path: str | os.PathLike) -> Iterator[Example]:
-    """Stream a dataset file as Examples, failing on the first bad row with its location."""
+def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """Stream the raw rows of a data file with their location ('file:line'), for files that are not examples."""
     path = Path(path)
     _check_readable(path)
     try:
-        for where, row in _READERS[path.suffix.lower()](path):
-            yield to_example(row, where)
+        yield from _READERS[path.suffix.lower()](path)
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def iter_examples(path: str | os.PathLike) -> Iterator[Example]:
+    """Stream a dataset file as Examples, failing on the first bad row with its location."""
+    for where, row in iter_rows(path):
+        yield to_example(row, where)
 
 
 def read_examples(path: str | os.PathLike) -> list[Example]:
