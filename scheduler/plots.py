@@ -46,7 +46,7 @@ def weight_distributions(labels: np.ndarray, weights: dict[str, np.ndarray], tit
         ax.hist(w[labels], bins=bins, alpha=0.6, label="harmful", density=True)
         ax.set(title=method, xlabel="weight")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)  # above the panels' own titles
     return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 

@@ -157,6 +157,9 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
     evaluation = embed_sets(eval_sets(fold, cfg, cfg.seed + 1, rejected), embedder)
     scorers = {}
     for name, design in designs.items():
+        # Every design starts from the same random state: a design's numbers do not depend on which designs
+        # ran before it (`only=` reproduces the full run), and designs are compared on the same draws.
+        L.seed_everything(cfg.seed, verbose=False)
         posterior, transform = train_network(design, embedder, bank, train_sets, stats, cfg)
         scorers[name] = lambda s, p=posterior, t=transform: score_design(p, t, s)
     lookup_prior = calibrate_prior(SafetyPrior(**cfg.model.prior), bank, torch.cat([s.prompts for s in train_sets]), cfg.k)
