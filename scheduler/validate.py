@@ -100,7 +100,8 @@ def read_label_audit(path: Path) -> set[str]:
 
 
 def audited(labelled: FineTuningSet, rejected: set[str]) -> FineTuningSet:
-    """The set without the harmful-labelled rows the audit found not harmful: the same rows, less label noise."""
+    """The set without the harmful-labelled rows the audit found not harmful, scored as a set of its own
+    (set-relative evidence sees the smaller set); benign rows are never dropped."""
     kept = [e for e in labelled.examples if not (e.label == HARMFUL and e.row.get("id") in rejected)]
     return FineTuningSet(f"{labelled.name} audited", kept)
 
