@@ -1,8 +1,10 @@
 """The amortised scheduler: a small network from sample embeddings to a posterior over
 the sample's safety logit z ~ N(mu, sigma^2), given the alignment set and the sample's set.
 
-`SchedulerNetwork` is the plain MLP; `SetPosterior` wraps it with the feature
-computation and the prior, so training and scoring share one code path.
+`SchedulerNetwork` is the plain MLP; `NetworkEnsemble` trains several side by side, so the
+posterior is a mixture that also carries the amortisation's own uncertainty; `SetPosterior`
+wraps either with the feature computation and the prior, so training and scoring share one
+code path.
 """
 
 from __future__ import annotations
@@ -46,6 +48,31 @@ class SchedulerNetwork(nn.Module):
         return out[:, 0], torch.exp(out[:, 1].clamp(-6, 3) + self.log_init_sigma)
 
 
+class NetworkEnsemble(nn.Module):
+    """`members` independently initialised SchedulerNetworks: outputs gain a leading member dimension.
+
+    Each member is trained on the same objective (the loss averages over members), so together they
+    form a deep ensemble: where members disagree, on rows unlike any training set, the mixture
+    posterior is wider and its mean less extreme than any one member's.
+    """
+
+    def __init__(self, members: int, embed_dim: int, **network_kwargs):
+        super().__init__()
+        self.members = nn.ModuleList(SchedulerNetwork(embed_dim, **network_kwargs) for _ in range(members))
+
+    def forward(self, prompts: torch.Tensor, responses: torch.Tensor, relation: torch.Tensor,
+                summary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets, sigmas = zip(*(member(prompts, responses, relation, summary) for member in self.members))
+        return torch.stack(offsets), torch.stack(sigmas)
+
+
+def build_network(embed_dim: int, members: int = 1, **network_kwargs) -> nn.Module:
+    """One SchedulerNetwork, or an ensemble of them (checkpoints without `members` hold one network)."""
+    if members == 1:
+        return SchedulerNetwork(embed_dim, **network_kwargs)
+    return NetworkEnsemble(members, embed_dim, **network_kwargs)
+
+
 class ScalarNetwork(nn.Module):
     """The paper's non-amortised scheduler: one free (offset, log sigma) per row of one fixed set.
 
@@ -67,16 +94,26 @@ class ScalarNetwork(nn.Module):
 
 @dataclass
 class Posterior:
-    """Per-sample posterior N(mu, sigma^2) of the safety logit, and the prior mean it started from."""
+    """Per-sample posterior N(mu, sigma^2) of the safety logit, and the prior mean it started from.
+
+    `mu` and `sigma` have shape (N,), or (members, N) for an ensemble: an equal mixture of the members.
+    """
 
     mu: torch.Tensor
     sigma: torch.Tensor
     prior_mean: torch.Tensor
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reparameterised samples, shape (n, N): gradients flow to mu and sigma."""
+        """Reparameterised samples, shape (n, *mu.shape): gradients flow to mu and sigma."""
         noise = torch.randn((n, *self.mu.shape), generator=generator, device=self.mu.device)
         return self.mu + self.sigma * noise
+
+    def moments(self) -> Posterior:
+        """The same posterior as one Gaussian per sample (the mixture's mean and standard deviation)."""
+        if self.mu.dim() == 1:
+            return self
+        variance = (self.sigma ** 2).mean(0) + self.mu.var(0, unbiased=False)
+        return Posterior(self.mu.mean(0), variance.sqrt(), self.prior_mean)
 
 
 class SetPosterior(nn.Module):

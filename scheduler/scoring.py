@@ -17,7 +17,7 @@ import torch
 from scheduler.data.io import DataError, Example, examples_from_rows
 from scheduler.embeddings import Embedder
 from scheduler.features import AlignmentBank, SetEvidence
-from scheduler.network import SchedulerNetwork, SetPosterior
+from scheduler.network import SetPosterior, build_network
 from scheduler.prior import SafetyPrior
 from scheduler.transforms import posterior_weights
 
@@ -41,7 +41,7 @@ class ScoreResult:
 
 def build_posterior(config: dict[str, Any], bank: AlignmentBank) -> SetPosterior:
     """The SetPosterior described by a checkpoint's `scheduler` entry (also used at training time)."""
-    network = SchedulerNetwork(config["embed_dim"], **config["network"])
+    network = build_network(config["embed_dim"], **config["network"])
     prior = SafetyPrior(**config["prior"])
     # checkpoints written before the set's evidence was stored score with the network alone
     return SetPosterior(network, prior, bank, k=config["k"], evidence=SetEvidence(**config.get("evidence", {})))
@@ -87,7 +87,8 @@ class NeuralScheduler:
     def score_embeddings(self, prompts: torch.Tensor, responses: torch.Tensor) -> ScoreResult:
         posterior = self.posterior.score(prompts, responses)
         weight, std = posterior_weights(posterior.mu, posterior.sigma, self.transform)
-        return ScoreResult(weight.numpy(), std.numpy(), posterior.mu.numpy(), posterior.sigma.numpy(),
+        moments = posterior.moments()
+        return ScoreResult(weight.numpy(), std.numpy(), moments.mu.numpy(), moments.sigma.numpy(),
                            posterior.prior_mean.numpy())
 
     def score(self, rows: Iterable[Any]) -> ScoreResult:

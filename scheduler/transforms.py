@@ -33,11 +33,12 @@ def posterior_weights(mu: torch.Tensor, sigma: torch.Tensor, transform: str, n_s
                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and standard deviation of T(z) for z ~ N(mu, sigma^2), normalised to mean weight 1.
 
-    Monte Carlo with a fixed seed, so scoring the same rows twice gives the same numbers.
+    `mu` and `sigma` of shape (members, N) describe an equal mixture (an ensemble); the moments are the
+    mixture's. Monte Carlo with a fixed seed, so scoring the same rows twice gives the same numbers.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn((n_samples, *mu.shape), generator=generator).to(mu.device)
-    weights = get_transform(transform)(mu + sigma * noise)
+    weights = get_transform(transform)(mu + sigma * noise).reshape(-1, mu.shape[-1])
     mean, std = weights.mean(0), weights.std(0)
     scale = mean.mean().clamp(min=1e-12)
     return mean / scale, std / scale

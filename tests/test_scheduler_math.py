@@ -7,7 +7,7 @@ import torch
 
 from scheduler.features import AlignmentBank, SetEvidence, relation_features, topk_mean_similarity
 from scheduler.module import BDSModule, standardise_known
-from scheduler.network import SchedulerNetwork, SetPosterior
+from scheduler.network import NetworkEnsemble, Posterior, SchedulerNetwork, SetPosterior
 from scheduler.prior import SafetyPrior
 from scheduler.transforms import get_transform, posterior_weights
 
@@ -115,3 +115,60 @@ def test_scoring_adds_the_sets_own_evidence_to_the_logit_and_training_does_not()
         torch.testing.assert_close(shifted.mu, trained.mu - torch.tensor([1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
         torch.testing.assert_close(shifted.sigma, trained.sigma)
         torch.testing.assert_close(scored.score(prompts[:1], responses[:1]).mu, scored(prompts[:1], responses[:1]).mu)
+
+
+def test_ensemble_posterior_is_the_equal_mixture_of_its_members():
+    """Two members: the weight is the mixture's E[T(z)], the average of each member's own E[T(z)] before
+    normalising, and the reported moments are the mixture's mean and standard deviation."""
+    mu = torch.tensor([[3.0, 0.0, -3.0], [1.0, 0.0, -1.0]])
+    sigma = torch.tensor([[0.01, 0.01, 0.01], [1.0, 1.0, 1.0]])
+    mixture, _ = posterior_weights(mu, sigma, "sigmoid", n_samples=4000)
+    member_means = [torch.sigmoid(mu[0]),  # sigma ~0: E[sigmoid(z)] = sigmoid(mu)
+                    torch.sigmoid(mu[1] + sigma[1] * torch.randn(20000, 3, generator=torch.Generator().manual_seed(1))).mean(0)]
+    expected = torch.stack(member_means).mean(0)
+    torch.testing.assert_close(mixture, expected / expected.mean(), atol=0.02, rtol=0.02)
+    moments = Posterior(mu, sigma, torch.zeros(3)).moments()
+    torch.testing.assert_close(moments.mu, torch.tensor([2.0, 0.0, -2.0]))
+    torch.testing.assert_close(moments.sigma, ((0.01 ** 2 + 1.0) / 2 + torch.tensor([1.0, 0.0, 1.0])).sqrt())
+
+
+def test_ensemble_of_identical_members_scores_like_one_network():
+    bank = AlignmentBank(unit([[1, 0, 0]]), unit([[0, 1, 0]]))
+    prompts = unit([[0, 0.1, 1], [0, 0, 1], [1, 0.2, 0]])
+    responses = unit([[0, 1, 0], [1, 0, 1], [1, 0, 1]])
+    ensemble = NetworkEnsemble(3, 3, hidden=8)
+    torch.nn.init.normal_(ensemble.members[0].head.weight)
+    for member in ensemble.members[1:]:
+        member.load_state_dict(ensemble.members[0].state_dict())
+    single = SetPosterior(ensemble.members[0], SafetyPrior("alignment"), bank, k=1, evidence=SetEvidence(0.0, 1.0, 1.0))
+    several = SetPosterior(ensemble, SafetyPrior("alignment"), bank, k=1, evidence=SetEvidence(0.0, 1.0, 1.0))
+    with torch.no_grad():
+        one, many = single.eval().score(prompts, responses), several.eval().score(prompts, responses)
+    assert many.mu.shape == (3, 3)
+    torch.testing.assert_close(many.moments().mu, one.mu)
+    torch.testing.assert_close(many.moments().sigma, one.sigma)
+    torch.testing.assert_close(posterior_weights(many.mu, many.sigma, "sigmoid")[0],
+                               posterior_weights(one.mu, one.sigma, "sigmoid")[0], atol=0.02, rtol=0.02)
+
+
+def test_ensemble_members_learn_independently():
+    """The BDS loss averages over members: a member's gradient does not depend on the other members."""
+    bank = AlignmentBank(unit([[1, 0, 0]]), unit([[0, 1, 0]]))
+    prompts, responses = unit([[0, 0.1, 1], [0, 0, 1], [1, 0.2, 0]]), unit([[0, 1, 0], [1, 0, 1], [1, 0, 1]])
+    energy = torch.tensor([1.0, -0.5, 2.0])
+
+    def head_gradient(network, member):
+        torch.manual_seed(0)
+        module = BDSModule(SetPosterior(network, SafetyPrior("alignment"), bank, k=1), None, n_rows=3, n_samples=64)
+        data, kl = module.network_loss(module.posterior(prompts, responses), energy)
+        network.zero_grad()
+        (data + kl).backward()
+        return member.head.weight.grad.clone()
+
+    ensemble = NetworkEnsemble(2, 3, hidden=8, dropout=0.0)
+    for member in ensemble.members:
+        torch.nn.init.normal_(member.head.weight, std=0.1)
+    with_other = head_gradient(ensemble, ensemble.members[0])
+    torch.nn.init.normal_(ensemble.members[1].head.weight, std=1.0)  # change the other member only
+    assert not torch.allclose(with_other, torch.zeros_like(with_other))
+    torch.testing.assert_close(head_gradient(ensemble, ensemble.members[0]), with_other, atol=1e-3, rtol=1e-2)
