@@ -53,7 +53,8 @@ class NetworkEnsemble(nn.Module):
 
     Each member is trained on the same objective (the loss averages over members), so together they
     form a deep ensemble: where members disagree, on rows unlike any training set, the mixture
-    posterior is wider and its mean less extreme than any one member's.
+    posterior is wider than the members' and its mean lies between theirs, so one member's
+    accident of initialisation does not decide a row's weight.
     """
 
     def __init__(self, members: int, embed_dim: int, **network_kwargs):
