@@ -74,22 +74,21 @@ class SetEvidence:
     response_weight: float = 0.0
     scoring_weight: float = 0.0
 
-    def energy(self, prompts: torch.Tensor, responses: torch.Tensor, bank: AlignmentBank, k: int,
-               spread: torch.Tensor) -> torch.Tensor:
-        """Per-row energy (higher = more in conflict with the alignment set); zeros when both weights are 0."""
-        energy = torch.zeros(len(prompts), device=prompts.device)
+    def energy(self, responses: torch.Tensor, relation: torch.Tensor, k: int, spread: torch.Tensor) -> torch.Tensor:
+        """Per-row energy (higher = more in conflict with the alignment set); zeros when both weights are 0.
+
+        `relation` holds the set's `relation_features`, which the posterior computes anyway."""
+        energy = torch.zeros(len(responses), device=responses.device)
         if not (self.prompt_weight or self.response_weight):
             return energy
-        for weight, ratio in zip((self.prompt_weight, self.response_weight),
-                                 density_ratios(prompts, responses, bank, k)):
+        for weight, ratio in zip((self.prompt_weight, self.response_weight), density_ratios(responses, relation, k)):
             energy = energy + weight * (ratio - ratio.median()) / spread
         return energy
 
 
-def density_ratios(prompts: torch.Tensor, responses: torch.Tensor, bank: AlignmentBank,
-                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt, answer): k-NN similarity to the alignment set minus k-NN similarity to the row's own set."""
-    relation = relation_features(prompts, responses, bank, k)
+def density_ratios(responses: torch.Tensor, relation: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, answer): k-NN similarity to the alignment set minus k-NN similarity to the row's own set,
+    from the set's `relation_features` and, for the answer, its answers' similarity to each other."""
     response_to_set = (topk_mean_similarity(responses, responses, k, exclude_self=True) if len(responses) > 1
                        else torch.ones_like(relation[:, 1]))
     return relation[:, 0] - relation[:, 2], relation[:, 1] - response_to_set

@@ -69,10 +69,11 @@ class BDSModule(L.LightningModule):
             optimizers.append(torch.optim.AdamW([p for p in self.lm.parameters() if p.requires_grad], lr=self.lm_lr))
         return optimizers
 
-    def set_energy(self, row_ids: torch.Tensor, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    def set_energy(self, row_ids: torch.Tensor, prompts: torch.Tensor, responses: torch.Tensor,
+                   relation: torch.Tensor | None = None) -> torch.Tensor:
         """Standardised LM energy of the judged rows plus the set's own embedding evidence (density ratios,
         `SetEvidence`): no LM, no label."""
-        return standardise_known(self.energy_bank[row_ids]) + self.posterior.set_energy(prompts, responses)
+        return standardise_known(self.energy_bank[row_ids]) + self.posterior.set_energy(prompts, responses, relation)
 
     def transfer_batch_to_device(self, batch: SetBatch, device: torch.device, dataloader_idx: int) -> SetBatch:
         """Tensors are moved where they are used; the batch also holds raw text for the LM."""
@@ -104,13 +105,14 @@ class BDSModule(L.LightningModule):
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         prompts, responses = batch.set.prompts.to(self.device), batch.set.responses.to(self.device)
+        relation = self.posterior.relation(prompts, responses)  # fixed for the set: once per step, not per update
         if self.lm is not None and batch.lm_rows and (self.lm_steps is None or self.lm_steps_done < self.lm_steps):
             with torch.no_grad():
-                current = self.posterior(prompts, responses)
+                current = self.posterior(prompts, responses, relation)
             self._lm_step(batch, current, optimizers[1])
-        energy = self.set_energy(batch.set.row_ids.to(self.device), prompts, responses)
+        energy = self.set_energy(batch.set.row_ids.to(self.device), prompts, responses, relation)
         for _ in range(self.network_updates):
-            data, kl = self.network_loss(self.posterior(prompts, responses), energy)
+            data, kl = self.network_loss(self.posterior(prompts, responses, relation), energy)
             optimizers[0].zero_grad()
             self.manual_backward(data + kl)
             optimizers[0].step()

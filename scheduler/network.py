@@ -134,16 +134,22 @@ class SetPosterior(nn.Module):
     def bank(self) -> AlignmentBank:
         return AlignmentBank(self.bank_prompts, self.bank_responses)
 
-    def forward(self, prompts: torch.Tensor, responses: torch.Tensor) -> Posterior:
-        """The amortised posterior, as the BDS objective trains it."""
-        relation = relation_features(prompts, responses, self.bank, self.k)
+    def relation(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        """The set's `relation_features`: fixed for a set, so a caller that needs them twice computes them once."""
+        return relation_features(prompts, responses, self.bank, self.k)
+
+    def forward(self, prompts: torch.Tensor, responses: torch.Tensor, relation: torch.Tensor | None = None) -> Posterior:
+        """The amortised posterior, as the BDS objective trains it (`relation`: the set's, if already computed)."""
+        relation = self.relation(prompts, responses) if relation is None else relation
         prior_mean = self.prior.mean(relation[:, 0])
         offset, sigma = self.network(prompts, responses, relation, set_summary(prompts, relation))
         return Posterior(prior_mean + offset, sigma, prior_mean)
 
-    def set_energy(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    def set_energy(self, prompts: torch.Tensor, responses: torch.Tensor,
+                   relation: torch.Tensor | None = None) -> torch.Tensor:
         """The set's own embedding evidence about each row (`SetEvidence`), in the prior's units."""
-        return self.evidence.energy(prompts, responses, self.bank, self.k, self.prior.spread)
+        relation = self.relation(prompts, responses) if relation is None else relation
+        return self.evidence.energy(responses, relation, self.k, self.prior.spread)
 
     def score(self, prompts: torch.Tensor, responses: torch.Tensor) -> Posterior:
         """The posterior a scored set gets: the network's, with the set's own evidence added to the logit.
@@ -153,8 +159,9 @@ class SetPosterior(nn.Module):
         amortised posterior and the set's density-ratio likelihood) singles out harmful rows of unseen
         tasks, disguised requests and other sources better, at some cost in benign rows kept.
         """
-        posterior = self(prompts, responses)
+        relation = self.relation(prompts, responses)
+        posterior = self(prompts, responses, relation)
         if self.evidence.scoring_weight:
-            shift = self.evidence.scoring_weight * self.set_energy(prompts, responses)
+            shift = self.evidence.scoring_weight * self.set_energy(prompts, responses, relation)
             posterior = Posterior(posterior.mu - shift, posterior.sigma, posterior.prior_mean)
         return posterior
