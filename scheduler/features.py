@@ -66,23 +66,28 @@ class SetEvidence:
     of its set conflicts with the alignment set: for the prompt, and, which still sees a harmful
     answer behind a disguised request, for the answer against the alignment set's answers. Each
     ratio is centred on the set's median and put in the prior's similarity units (not the set's
-    spread, so a clean set keeps a small spread). `scoring_weight` adds this evidence to the
+    spread, so a clean set keeps a small spread). The prompt's `mean_contrast` counts only where a
+    row stands out from its set (`beyond_upper_fence`). `scoring_weight` adds this evidence to the
     amortised posterior's logit when a set is scored (0 = the network alone).
     """
 
     prompt_weight: float = 0.0
     response_weight: float = 0.0
     scoring_weight: float = 0.0
+    prompt_contrast_weight: float = 0.0
 
-    def energy(self, responses: torch.Tensor, relation: torch.Tensor, k: int, spread: torch.Tensor) -> torch.Tensor:
-        """Per-row energy (higher = more in conflict with the alignment set); zeros when both weights are 0.
+    def energy(self, prompts: torch.Tensor, responses: torch.Tensor, relation: torch.Tensor, bank: AlignmentBank,
+               k: int, spread: torch.Tensor) -> torch.Tensor:
+        """Per-row energy (higher = more in conflict with the alignment set); zeros when every weight is 0.
 
         `relation` holds the set's `relation_features`, which the posterior computes anyway."""
         energy = torch.zeros(len(responses), device=responses.device)
-        if not (self.prompt_weight or self.response_weight):
-            return energy
-        for weight, ratio in zip((self.prompt_weight, self.response_weight), density_ratios(responses, relation, k)):
-            energy = energy + weight * (ratio - ratio.median()) / spread
+        if self.prompt_weight or self.response_weight:
+            for weight, ratio in zip((self.prompt_weight, self.response_weight), density_ratios(responses, relation, k)):
+                energy = energy + weight * (ratio - ratio.median()) / spread
+        if self.prompt_contrast_weight:
+            outlying = beyond_upper_fence(mean_contrast(prompts, bank.prompts))
+            energy = energy + self.prompt_contrast_weight * outlying / spread
         return energy
 
 
@@ -92,6 +97,26 @@ def density_ratios(responses: torch.Tensor, relation: torch.Tensor, k: int) -> t
     response_to_set = (topk_mean_similarity(responses, responses, k, exclude_self=True) if len(responses) > 1
                        else torch.ones_like(relation[:, 1]))
     return relation[:, 0] - relation[:, 2], relation[:, 1] - response_to_set
+
+
+def mean_contrast(rows: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:
+    """Mean similarity of each row to the alignment set minus its mean similarity to the other rows of its set.
+
+    The density ratio with every row as a neighbour instead of the k nearest: a projection on the direction
+    from the set's mean embedding to the alignment set's. It ranks rows by the topic that the set and the
+    alignment set do not share, where the k-NN ratio looks at a row's closest matches."""
+    others = (rows.sum(0) - rows) / max(len(rows) - 1, 1)
+    return rows @ alignment.mean(0) - (rows * others).sum(-1)
+
+
+def beyond_upper_fence(values: torch.Tensor) -> torch.Tensor:
+    """How far each value lies above Tukey's upper fence of its set (q75 + 1.5 IQR); 0 at or below it.
+
+    Every set, clean or not, has an upper half; only rows that stand out from the rest of their own set are
+    evidence. Centred on the median instead, the mean contrast pushed the upper half of clean sets down
+    (benign rows kept on the worst clean set 0.743 instead of 0.867, docs/validation.md)."""
+    q25, q75 = values.quantile(0.25), values.quantile(0.75)
+    return torch.relu(values - q75 - 1.5 * (q75 - q25))
 
 
 def set_summary(prompts: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:

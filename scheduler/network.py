@@ -149,7 +149,7 @@ class SetPosterior(nn.Module):
                    relation: torch.Tensor | None = None) -> torch.Tensor:
         """The set's own embedding evidence about each row (`SetEvidence`), in the prior's units."""
         relation = self.relation(prompts, responses) if relation is None else relation
-        return self.evidence.energy(responses, relation, self.k, self.prior.spread)
+        return self.evidence.energy(prompts, responses, relation, self.bank, self.k, self.prior.spread)
 
     def score(self, prompts: torch.Tensor, responses: torch.Tensor) -> Posterior:
         """The posterior a scored set gets: the network's, with the set's own evidence added to the logit.

@@ -49,7 +49,8 @@ def evidence_config(model_cfg: DictConfig) -> dict[str, float]:
     """The `SetEvidence` weights of a model config (keys absent from configs older than them mean 0)."""
     return {"prompt_weight": model_cfg.density_ratio_weight,
             "response_weight": model_cfg.get("response_density_ratio_weight", 0.0),
-            "scoring_weight": model_cfg.get("scoring_evidence_weight", 0.0)}
+            "scoring_weight": model_cfg.get("scoring_evidence_weight", 0.0),
+            "prompt_contrast_weight": model_cfg.get("prompt_contrast_weight", 0.0)}
 
 
 def calibrate_prior(prior: SafetyPrior, bank: AlignmentBank, training_prompts: torch.Tensor, k: int) -> SafetyPrior:

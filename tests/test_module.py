@@ -111,8 +111,9 @@ def test_lower_layer_cache_gives_the_same_losses_and_gradients_and_skips_the_fro
 
 
 def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
-    """A model config written before the answer's density ratio or the scoring evidence lacks their keys;
-    a checkpoint's scheduler entry written before the set's evidence was stored lacks `evidence`."""
+    """A model config written before the answer's density ratio, the scoring evidence or the prompt's mean
+    contrast lacks their keys; a checkpoint's scheduler entry written before the set's evidence was stored
+    lacks `evidence`."""
     from omegaconf import OmegaConf
 
     from scheduler.features import SetEvidence
@@ -120,9 +121,11 @@ def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
     from scheduler.training import evidence_config
 
     model_cfg = OmegaConf.load(CONFIG_DIR / "model" / "default.yaml")
-    assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 1.0, "scoring_weight": 1.0}
-    del model_cfg["response_density_ratio_weight"], model_cfg["scoring_evidence_weight"]
-    assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 0.0, "scoring_weight": 0.0}
+    assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 1.0, "scoring_weight": 1.0,
+                                          "prompt_contrast_weight": 4.0}
+    del model_cfg["response_density_ratio_weight"], model_cfg["scoring_evidence_weight"], model_cfg["prompt_contrast_weight"]
+    assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 0.0, "scoring_weight": 0.0,
+                                          "prompt_contrast_weight": 0.0}
     bank = AlignmentBank(torch.eye(4)[:2], torch.eye(4)[2:])
     old_entry = {"embed_dim": 4, "network": {"hidden": 8}, "prior": {"kind": "alignment"}, "k": 1}
     assert build_posterior(old_entry, bank).evidence == SetEvidence()

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from scheduler.features import AlignmentBank, SetEvidence, relation_features, topk_mean_similarity
+from scheduler.features import (AlignmentBank, SetEvidence, beyond_upper_fence, mean_contrast, relation_features,
+                                topk_mean_similarity)
 from scheduler.module import BDSModule, standardise_known
 from scheduler.network import NetworkEnsemble, Posterior, SchedulerNetwork, SetPosterior
 from scheduler.prior import SafetyPrior
@@ -97,6 +98,27 @@ def test_density_ratio_energy_by_hand_prompt_and_answer():
     # with similarity 1 to each other. Ratios 1 - 0, 0 - 1, 0 - 1; median -1; prior spread 1.
     torch.testing.assert_close(energy(0.0, 1.0), torch.tensor([2.0, 0.0, 0.0]), atol=1e-5, rtol=0)
     torch.testing.assert_close(energy(1.0, 0.5), prompt_only + torch.tensor([1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+
+
+def test_mean_contrast_by_hand():
+    """Mean similarity to the alignment set minus mean similarity to the set's other rows: row 0 is the
+    alignment topic (a - 0), rows 1-2 share the set's topic (0 - (0 + 1) / 2)."""
+    bank = AlignmentBank(unit([[1, 0, 0], [1, 0.1, 0]]), unit([[0, 1, 0]]))
+    a = bank.prompts.mean(0)[0]
+    torch.testing.assert_close(mean_contrast(unit([[1, 0, 0], [0, 0, 1], [0, 0, 1]]), bank.prompts),
+                               torch.stack([a, torch.tensor(-0.5), torch.tensor(-0.5)]))
+
+
+def test_only_rows_beyond_the_sets_upper_fence_get_contrast_energy():
+    """Tukey's fence of [0, 1, 2, 3, 4, 100]: q75 + 1.5 IQR = 3.75 + 1.5 * 2.5 = 7.5. As energy: one row on the
+    alignment topic among four on the set's (contrasts a and -0.75, fence -0.75), weight 2, prior spread 1."""
+    torch.testing.assert_close(beyond_upper_fence(torch.tensor([0.0, 1, 2, 3, 4, 100])),
+                               torch.tensor([0.0, 0, 0, 0, 0, 92.5]))
+    bank = AlignmentBank(unit([[1, 0, 0], [1, 0.1, 0]]), unit([[0, 1, 0]]))
+    prompts = unit([[1, 0, 0]] + [[0, 0, 1]] * 4)
+    relation = relation_features(prompts, prompts, bank, 1)
+    energy = SetEvidence(prompt_contrast_weight=2.0).energy(prompts, prompts, relation, bank, 1, torch.tensor(1.0))
+    torch.testing.assert_close(energy, torch.tensor([2 * (bank.prompts.mean(0)[0].item() + 0.75), 0, 0, 0, 0]))
 
 
 def test_scoring_adds_the_sets_own_evidence_to_the_logit_and_training_does_not():
