@@ -60,7 +60,7 @@ def relation_features(prompts: torch.Tensor, responses: torch.Tensor, bank: Alig
 
 @dataclass(frozen=True)
 class SetEvidence:
-    """What a set's own rows say about each row, without an LM or a label: the density ratios.
+    """What a set's own rows say about each row, without an LM or a label: density ratios and a mean contrast.
 
     A row that resembles the alignment set (k-NN similarity) more than it resembles the other rows
     of its set conflicts with the alignment set: for the prompt, and, which still sees a harmful
