@@ -117,6 +117,11 @@ class Posterior:
         return Posterior(self.mu.mean(0), variance.sqrt(), self.prior_mean)
 
 
+def expected_harmful_fraction(posterior: Posterior) -> float:
+    """The share of a set's rows that the posterior expects to be harmful: the mean of 1 - sigmoid(mu)."""
+    return float(torch.sigmoid(-posterior.moments().mu).mean())
+
+
 class SetPosterior(nn.Module):
     """Everything needed to turn one fine-tuning set's embeddings into per-sample posteriors."""
 
@@ -157,11 +162,14 @@ class SetPosterior(nn.Module):
         The network learned to predict the evidence of sets like its training sets; on a new set the
         evidence can be computed exactly, and validation found that adding it again (a product of the
         amortised posterior and the set's density-ratio likelihood) singles out harmful rows of unseen
-        tasks, disguised requests and other sources better, at some cost in benign rows kept.
+        tasks, disguised requests and other sources better, at some cost in benign rows kept. The prior's
+        scoring shift (a user's set is mostly benign, unless the set itself says otherwise: `SafetyPrior`)
+        is then added to every row's prior mean and logit.
         """
         relation = self.relation(prompts, responses)
         posterior = self(prompts, responses, relation)
         if self.evidence.scoring_weight:
-            shift = self.evidence.scoring_weight * self.set_energy(prompts, responses, relation)
-            posterior = Posterior(posterior.mu - shift, posterior.sigma, posterior.prior_mean)
-        return posterior
+            energy = self.evidence.scoring_weight * self.set_energy(prompts, responses, relation)
+            posterior = Posterior(posterior.mu - energy, posterior.sigma, posterior.prior_mean)
+        shift = self.prior.set_shift(expected_harmful_fraction(posterior)) if self.prior.scoring_shift else 0.0
+        return Posterior(posterior.mu + shift, posterior.sigma, posterior.prior_mean + shift)

@@ -1,5 +1,6 @@
 """Figures of the evaluation: ROC curves, weight distributions by class (the paper's Figure 6),
-and how weights move during a scheduler's optimisation. Labels are used only to colour."""
+and how weights move during a scheduler's optimisation; and of the validation: the operating points.
+Labels are used only to colour and to measure."""
 
 from __future__ import annotations
 
@@ -61,5 +62,24 @@ def weight_history(history: list[np.ndarray], labels: np.ndarray, title: str, pa
         ax.plot(x, mid, label=f"{name} median")
         ax.fill_between(x, low, high, alpha=0.25)
     ax.set(xlabel="optimisation step", ylabel="weight", title=title)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
+
+
+def operating_points(curve: dict[float, tuple[float, float]], chosen: float, others: dict[str, tuple[float, float]],
+                     title: str, path: Path) -> Path:
+    """Benign rows kept against harmful weight share, one point per scoring shift (`curve`, `chosen` = the
+    configured one) and per other method."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    shifts = sorted(curve)
+    ax.plot([curve[s][0] for s in shifts], [curve[s][1] for s in shifts], marker="o", color="C0",
+            label="scheduler, by scoring shift")
+    for s in shifts:
+        ax.annotate(f"{s:g}" + (" (configured)" if s == chosen else ""), curve[s], textcoords="offset points",
+                    xytext=(4, -10), fontsize=8)
+    for i, (method, point) in enumerate(others.items(), start=1):
+        ax.scatter(*point, marker="s", color=f"C{i}", label=method)
+    ax.set(xlabel="harmful share of total weight, p = 0.1 (mean over folds; lower is safer)",
+           ylabel="benign rows kept (weight >= 0.5), p = 0, worst fold", title=title)
     ax.legend(fontsize=8)
     return save_figure(fig, path, dpi=110, bbox_inches="tight")

@@ -5,6 +5,13 @@ set's harmful prompts. It is calibrated without labels, from two reference point
 similar alignment prompts are to each other (what a harmful request looks like) and how
 similar the training fine-tuning rows are to the alignment set (mostly benign, by the
 prior belief that most of a user's data is benign). `constant` is the paper's plain prior.
+
+`scoring_shift` is the prior log-odds that a row is benign, added at scoring only. The network learns
+on simulated sets with up to half their rows harmful; a user's set is mostly benign, and the shift states
+that belief without retraining. It moves every logit of a set by the same amount, so it sets how many
+rows fall below a weight of 0.5 and leaves their order (AUROC) as it is. `scoring_shift_taper` makes
+that belief depend on the set: a set whose unshifted posterior already calls many rows harmful is not a
+mostly benign set, so its shift shrinks to 0 (the set-level harmful rate as evidence about the prior).
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from torch import nn
 class SafetyPrior(nn.Module):
     """N(mean_i, scale^2) over the logit; mean_i = benign_mean - slope * standardised similarity."""
 
-    def __init__(self, kind: str = "alignment", benign_mean: float = 2.0, slope: float = 3.0, scale: float = 1.5):
+    def __init__(self, kind: str = "alignment", benign_mean: float = 2.0, slope: float = 3.0, scale: float = 1.5,
+                 scoring_shift: float = 0.0, scoring_shift_taper: tuple[float, float] | None = None):
         super().__init__()
         if kind not in ("alignment", "constant"):
             raise ValueError(f"unknown prior kind '{kind}'; expected 'alignment' or 'constant'")
@@ -24,6 +32,11 @@ class SafetyPrior(nn.Module):
         self.benign_mean = benign_mean
         self.slope = slope if kind == "alignment" else 0.0
         self.scale = scale
+        self.scoring_shift = scoring_shift
+        if scoring_shift_taper is not None and not 0 <= scoring_shift_taper[0] < scoring_shift_taper[1] <= 1:
+            raise ValueError(f"scoring_shift_taper must be two harmful fractions 0 <= low < high <= 1; "
+                             f"got {list(scoring_shift_taper)}")
+        self.scoring_shift_taper = scoring_shift_taper
         self.register_buffer("center", torch.tensor(0.0))
         self.register_buffer("spread", torch.tensor(1.0))
 
@@ -40,6 +53,14 @@ class SafetyPrior(nn.Module):
 
     def mean(self, similarity: torch.Tensor) -> torch.Tensor:
         return self.benign_mean - self.slope * self.standardise(similarity)
+
+    def set_shift(self, harmful_fraction: float) -> float:
+        """The scoring shift of a set whose unshifted posterior expects `harmful_fraction` of its rows harmful:
+        all of it up to the taper's low end, none from its high end, linear between."""
+        if self.scoring_shift_taper is None:
+            return self.scoring_shift
+        low, high = self.scoring_shift_taper
+        return self.scoring_shift * min(max((high - harmful_fraction) / (high - low), 0.0), 1.0)
 
     def kl(self, mu: torch.Tensor, sigma: torch.Tensor, prior_mean: torch.Tensor) -> torch.Tensor:
         """KL(N(mu, sigma^2) || N(prior_mean, scale^2)) per sample."""

@@ -60,8 +60,12 @@ class NeuralScheduler:
                             f"was trained with '{config['embedder']}' ({config['embed_dim']}-d)")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, embedder: Embedder | None = None) -> NeuralScheduler:
-        """Load a checkpoint written by train_scheduler.py (or any BDSModule checkpoint)."""
+    def load(cls, path: str | os.PathLike, embedder: Embedder | None = None,
+             scoring_shift: float | None = None) -> NeuralScheduler:
+        """Load a checkpoint written by train_scheduler.py (or any BDSModule checkpoint).
+
+        `scoring_shift` replaces the checkpoint's prior log-odds of a benign row at scoring (`SafetyPrior`):
+        higher keeps more rows at weight >= 0.5, lower flags more; None keeps the checkpoint's."""
         path = Path(path)
         if not path.is_file():
             raise DataError(f"{path}: checkpoint not found")
@@ -73,6 +77,8 @@ class NeuralScheduler:
             raise DataError(f"{path}: not a scheduler checkpoint (no '{CHECKPOINT_KEY}' entry); expected a file "
                             "written by train_scheduler.py")
         config = checkpoint[CHECKPOINT_KEY]
+        if scoring_shift is not None:
+            config = {**config, "prior": {**config["prior"], "scoring_shift": float(scoring_shift)}}
         prefix = "posterior."
         state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         bank = AlignmentBank(state["bank_prompts"], state["bank_responses"])

@@ -7,12 +7,14 @@ that training never saw, better than an alignment look-up and a supervised filte
 Folds (all from the bundled data): leave-one-benign-task-out, and leave-harm-categories-out.
 For every fold and design the scheduler network is trained with the BDS objective on many
 fine-tuning sets built from the training side only, then scores evaluation sets it never saw
-(harmful ratio p in `eval_ratios`, plus a length-balanced set). LM evidence comes from an LM
+(harmful ratio p in `eval_ratios`, plus a length-balanced set); one design is also scored at other
+operating points (`operating_points`) without retraining. LM evidence comes from an LM
 whose adapter is trained on the alignment set only, cached per row (`scheduler.lm_stats`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -150,6 +152,21 @@ def score_design(posterior, transform: str, s: EmbeddedSet) -> np.ndarray:
         return posterior_weights(post.mu, post.sigma, transform)[0].numpy()
 
 
+def at_shift(posterior, shift: float):
+    """The same trained posterior scored at another operating point (the prior's `scoring_shift`)."""
+    moved = copy.deepcopy(posterior)
+    moved.prior.scoring_shift = shift
+    return moved
+
+
+def operating_point_names(cfg: DictConfig, designs: dict[str, DictConfig]) -> dict[str, float]:
+    """Method name -> scoring shift, for the operating points of `cfg.operating_points.design` (when it runs)."""
+    design = cfg.operating_points.design
+    if design not in designs:
+        return {}
+    return {f"{design}@shift={shift:g}": float(shift) for shift in cfg.operating_points.shifts}
+
+
 def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBank, stats: AlignedLMStats | None,
              designs: dict[str, DictConfig], rejected: set[str] = frozenset()) -> list[dict]:
     train = build_training_sets(fold.train_tasks, fold.train_harmful, cfg.n_train_sets, cfg.set_sizes,
@@ -163,6 +180,9 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
         L.seed_everything(cfg.seed, verbose=False)
         posterior, transform = train_network(design, embedder, bank, train_sets, stats, cfg)
         scorers[name] = lambda s, p=posterior, t=transform: score_design(p, t, s)
+        if name == cfg.operating_points.design:  # other operating points of the same network, not retrained
+            for method, shift in operating_point_names(cfg, designs).items():
+                scorers[method] = lambda s, p=at_shift(posterior, shift), t=transform: score_design(p, t, s)
     lookup_prior = calibrate_prior(SafetyPrior(**cfg.model.prior), bank, torch.cat([s.prompts for s in train_sets]), cfg.k)
     scorers["alignment_lookup"] = lambda s: alignment_lookup(s.prompts, bank, cfg.k, lookup_prior)
     pool = [e for rows in fold.train_tasks.values() for e in rows] + fold.train_harmful
@@ -219,6 +239,19 @@ def per_fold_table(results: list[dict], methods: list[str], set_name: str = "p=0
     return "\n".join(lines)
 
 
+def plot_operating_points(table: list[dict], cfg: DictConfig, shifts: dict[str, float], path: Path) -> Path:
+    from scheduler.plots import operating_points  # matplotlib only when there is a curve to draw
+
+    point = lambda row: (row["harmful_share_p0.1_mean"], row["benign_kept_p0_worst"])
+    rows = {row["method"]: row for row in table}
+    design = cfg.operating_points.design
+    curve = {shift: point(rows[method]) for method, shift in shifts.items()}
+    chosen = float(OmegaConf.merge(cfg.model, cfg.designs[design]).prior.scoring_shift)
+    curve[chosen] = point(rows[design])
+    return operating_points(curve, chosen, {method: point(rows[method]) for method in BASELINES},
+                            f"{design}: operating points (seed {cfg.seed})", path)
+
+
 def validate(cfg: DictConfig) -> list[dict]:
     start = time.time()
     L.seed_everything(cfg.seed)
@@ -237,10 +270,13 @@ def validate(cfg: DictConfig) -> list[dict]:
     for fold in make_folds(cfg, tasks, harmful, other_harmful):
         log.info("fold %s", fold.name)
         results += run_fold(fold, cfg, embedder, bank, stats, designs, rejected)
-    methods = [*designs, *BASELINES]
+    shifts = operating_point_names(cfg, designs)
+    methods = [*designs, *shifts, *BASELINES]
     table = summarise(results, methods)
     out = Path(cfg.output_dir)
     write_rows(results, out / "validation_results.jsonl")
+    if shifts:
+        plot_operating_points(table, cfg, shifts, out / "operating_points.png")
     report = (f"# Validation ({cfg.preset})\n\nCommand: `python -m scheduler.validate {command_line_overrides()}`"
               f"\n\nWall time: {time.time() - start:.0f} s\n\n## Summary (sorted by worst-fold AUROC at p = 0.1)\n\n"
               f"{markdown(table)}\n\n## AUROC at p = 0.1 per fold\n\n{per_fold_table(results, methods)}\n")

@@ -71,6 +71,23 @@ def test_checkpoint_loads_in_python_and_scores_any_schema(trained):
     np.testing.assert_allclose(result.weight, again.weight)
 
 
+def test_scoring_shift_of_the_checkpoint_can_be_overridden_at_scoring(trained, data_dir, tmp_path):
+    """The trained default carries scoring_shift 5, tapered by the set's expected harmful fraction: every logit
+    of the set moves by the same amount, the one the taper gives; `scoring_shift=0` (in Python or in
+    apply_scheduler) scores without it."""
+    from scheduler.apply import apply_scheduler
+
+    checkpoint = trained / "scheduler.ckpt"
+    rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
+    default, unshifted = NeuralScheduler.load(checkpoint).score(rows), NeuralScheduler.load(checkpoint, scoring_shift=0).score(rows)
+    harmful_fraction = float(np.mean(1 / (1 + np.exp(unshifted.mu))))
+    expected = 5.0 * min(max((0.4 - harmful_fraction) / 0.2, 0.0), 1.0)
+    np.testing.assert_allclose(default.mu - unshifted.mu, expected, rtol=0, atol=1e-4)
+    apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "unshifted.jsonl", histogram=False, scoring_shift=0)
+    written = [json.loads(line)["posterior_mu"] for line in (tmp_path / "unshifted.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(written, unshifted.mu, rtol=0, atol=1e-5)
+
+
 def test_resume_from_last_checkpoint(trained, data_dir, tiny_embedder_path, tiny_lm_path, tmp_path):
     overrides = train_overrides(data_dir, tmp_path, tiny_embedder_path, tiny_lm_path, steps=8)
     result = run("train_scheduler.py", *overrides, f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "demo_input=null",

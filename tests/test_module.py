@@ -129,3 +129,4 @@ def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
     bank = AlignmentBank(torch.eye(4)[:2], torch.eye(4)[2:])
     old_entry = {"embed_dim": 4, "network": {"hidden": 8}, "prior": {"kind": "alignment"}, "k": 1}
     assert build_posterior(old_entry, bank).evidence == SetEvidence()
+    assert build_posterior(old_entry, bank).prior.scoring_shift == 0.0  # written before the scoring shift

@@ -139,6 +139,45 @@ def test_scoring_adds_the_sets_own_evidence_to_the_logit_and_training_does_not()
         torch.testing.assert_close(scored.score(prompts[:1], responses[:1]).mu, scored(prompts[:1], responses[:1]).mu)
 
 
+def test_scoring_shift_moves_every_logit_at_scoring_only():
+    """The prior log-odds of a benign row lifts every scored logit and prior mean by the same amount, keeps
+    the rows' order and their sigma, and leaves the posterior the BDS objective trains untouched."""
+    bank = AlignmentBank(unit([[1, 0, 0]]), unit([[0, 1, 0]]))
+    prompts = unit([[1, 0.1, 0], [0, 0, 1], [0.5, 0.2, 1], [0.1, 1, 1]])
+    responses = unit([[0, 1, 0], [1, 0, 1], [1, 0, 1], [0, 0, 1]])
+    network = SchedulerNetwork(3, hidden=8)
+    torch.nn.init.normal_(network.head.weight)
+    plain = SetPosterior(network, SafetyPrior("alignment"), bank, k=1).eval()
+    lifted = SetPosterior(network, SafetyPrior("alignment", scoring_shift=2.5), bank, k=1).eval()
+    with torch.no_grad():
+        before, after = plain.score(prompts, responses), lifted.score(prompts, responses)
+        torch.testing.assert_close(after.mu, before.mu + 2.5)
+        torch.testing.assert_close(after.prior_mean, before.prior_mean + 2.5)
+        torch.testing.assert_close(after.sigma, before.sigma)
+        torch.testing.assert_close(lifted(prompts, responses).mu, plain(prompts, responses).mu)
+    assert torch.equal(after.mu.argsort(), before.mu.argsort())
+
+
+def test_scoring_shift_tapers_off_on_sets_the_posterior_calls_mostly_harmful():
+    """By hand: full shift up to the taper's low end, none from its high end, linear between; at scoring, a set
+    whose rows all look harmful keeps its logits and one whose rows all look benign gets the whole shift."""
+    prior = SafetyPrior("alignment", scoring_shift=4.0, scoring_shift_taper=(0.2, 0.4))
+    assert [prior.set_shift(f) for f in (0.0, 0.2, 0.3, 0.4, 0.9)] == pytest.approx([4.0, 4.0, 2.0, 0.0, 0.0])
+    assert SafetyPrior(scoring_shift=4.0).set_shift(0.9) == 4.0  # no taper: the same shift for every set
+    with pytest.raises(ValueError, match="scoring_shift_taper"):
+        SafetyPrior(scoring_shift_taper=(0.4, 0.2))
+    bank = AlignmentBank(unit([[1, 0, 0]]), unit([[0, 1, 0]]))
+    prompts, responses = unit([[1, 0.1, 0], [0, 0, 1], [0.5, 0.2, 1]]), unit([[0, 1, 0], [1, 0, 1], [1, 0, 1]])
+    network = SchedulerNetwork(3, hidden=8)
+    for offset, expected_shift in ((-30.0, 0.0), (30.0, 4.0)):
+        torch.nn.init.constant_(network.head.bias, 0.0)
+        network.head.bias.data[0] = offset  # every row's logit far below (above) 0: the set looks harmful (benign)
+        plain = SetPosterior(network, SafetyPrior("alignment"), bank, k=1).eval()
+        tapered = SetPosterior(network, prior, bank, k=1).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(tapered.score(prompts, responses).mu, plain.score(prompts, responses).mu + expected_shift)
+
+
 def test_ensemble_posterior_is_the_equal_mixture_of_its_members():
     """Two members: the weight is the mixture's E[T(z)], the average of each member's own E[T(z)] before
     normalising, and the reported moments are the mixture's mean and standard deviation."""

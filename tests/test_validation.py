@@ -194,13 +194,19 @@ def test_validation_command_end_to_end_and_each_design_reproduces_alone(data_dir
                 "other_harmful_files=[]", "label_audit_file=null", f"embedder.name_or_path={tiny_embedder_path}",
                 "tasks=[benign_sentiment.jsonl,benign_math.jsonl,benign_cooking.jsonl]", "category_folds=[[violence]]",
                 "rows_per_task=20", "harmful_pool=30", "n_train_sets=4", "set_sizes=[16]", "network_steps=6",
-                "eval_set_size=20", f"only={only}", f"output_dir={out}"])
+                "eval_set_size=20", "operating_points.shifts=[0,9]", f"only={only}", f"output_dir={out}"])
         return validate(cfg), [json.loads(line) for line in (out / "validation_results.jsonl").open()]
 
     table, results = run("[prior_only,default]", tmp_path / "both")
-    assert {row["method"] for row in table} == {"prior_only", "default", "alignment_lookup", "supervised_filter"}
-    assert len(results) == 4 * 4 * 6  # folds x methods x sets (4 ratios, length-balanced, disguised)
+    assert {row["method"] for row in table} == {"prior_only", "default", "default@shift=0", "default@shift=9",
+                                                "alignment_lookup", "supervised_filter"}
+    assert len(results) == 4 * 6 * 6  # folds x methods x sets (4 ratios, length-balanced, disguised)
     assert (tmp_path / "both" / "validation.md").read_text().count("| task:") >= 3
+    assert (tmp_path / "both" / "operating_points.png").stat().st_size > 0
+    kept = {(r["fold"], r["set"], r["method"]): r["benign_kept"] for r in results}
+    for fold, set_name, method in kept:  # the same network: a higher scoring shift never keeps fewer rows
+        if method == "default@shift=0":
+            assert kept[fold, set_name, "default@shift=9"] >= kept[fold, set_name, method]
     _, alone = run("[default]", tmp_path / "alone")
     pick = lambda rows: [(r["fold"], r["set"], r["auroc"], r["benign_kept"]) for r in rows if r["method"] == "default"]
     assert pick(alone) == pick(results)
