@@ -275,8 +275,6 @@ def validate(cfg: DictConfig) -> list[dict]:
     table = summarise(results, methods)
     out = Path(cfg.output_dir)
     write_rows(results, out / "validation_results.jsonl")
-    if shifts:
-        plot_operating_points(table, cfg, shifts, out / "operating_points.png")
     report = (f"# Validation ({cfg.preset})\n\nCommand: `python -m scheduler.validate {command_line_overrides()}`"
               f"\n\nWall time: {time.time() - start:.0f} s\n\n## Summary (sorted by worst-fold AUROC at p = 0.1)\n\n"
               f"{markdown(table)}\n\n## AUROC at p = 0.1 per fold\n\n{per_fold_table(results, methods)}\n")
@@ -285,6 +283,8 @@ def validate(cfg: DictConfig) -> list[dict]:
             report += f"\n## AUROC per fold, {extra} set (p = 0.1)\n\n{per_fold_table(results, methods, extra)}\n"
     write_text(report, out / "validation.md")
     write_text(json.dumps(table, indent=1), out / "validation_summary.json")
+    if shifts:  # after the tables, so that a plotting failure costs no numbers
+        plot_operating_points(table, cfg, shifts, out / "operating_points.png")
     print(report)
     return table
 
