@@ -67,6 +67,8 @@ class NeuralScheduler:
         `scoring_shift` replaces the checkpoint's prior log-odds of a benign row at scoring (`SafetyPrior`):
         higher keeps more rows at weight >= 0.5, lower flags more; None keeps the checkpoint's."""
         path = Path(path)
+        if scoring_shift is not None and not isinstance(scoring_shift, (int, float)):
+            raise DataError(f"scoring_shift: expected a number (log-odds, e.g. 0 or 5); got {scoring_shift!r}")
         if not path.is_file():
             raise DataError(f"{path}: checkpoint not found")
         try:

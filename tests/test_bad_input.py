@@ -76,6 +76,9 @@ def test_apply_missing_input_and_bad_checkpoint(checkpoint, tmp_path):
     (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n')
     result = run_apply(f"checkpoint={tmp_path / 'junk.ckpt'}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}")
     assert result.returncode != 0 and "junk.ckpt: not a readable checkpoint" in result.stderr
+    result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}",
+                       "scoring_shift=high")
+    assert result.returncode != 0 and "scoring_shift: expected a number" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "o.jsonl").exists()
 
 
