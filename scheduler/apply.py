@@ -21,12 +21,16 @@ class ApplySummary:
     quantiles: dict[str, float]
     output: Path
     histogram: Path | None
+    expected_harmful_fraction: float
+    scoring_shift: float
     label_check: dict[str, float] | None = None
 
     def __str__(self) -> str:
         q = "  ".join(f"{name}={value:.3f}" for name, value in self.quantiles.items())
         text = (f"scored {self.rows} rows -> {self.output}\n"
                 f"weighted below 0.5: {self.below_half} ({self.below_half / self.rows:.1%})\n"
+                f"expected harmful fraction of the set: {self.expected_harmful_fraction:.3f} "
+                f"(scoring shift applied: {self.scoring_shift:.2f})\n"
                 f"weight quantiles: {q}" + (f"\nhistogram: {self.histogram}" if self.histogram else ""))
         if self.label_check:
             c = self.label_check
@@ -96,7 +100,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     quantiles = dict(zip(["min", "q05", "q25", "median", "q75", "q95", "max"],
                          np.quantile(result.weight, [0, 0.05, 0.25, 0.5, 0.75, 0.95, 1]).tolist(), strict=True))
     return ApplySummary(len(examples), int((result.weight < 0.5).sum()), quantiles, output_path, hist,
-                        label_check(examples, result.weight))
+                        result.expected_harmful_fraction, result.scoring_shift, label_check(examples, result.weight))
 
 
 def label_check(examples: list[Example], weights: np.ndarray) -> dict[str, float] | None:

@@ -122,6 +122,16 @@ def expected_harmful_fraction(posterior: Posterior) -> float:
     return float(torch.sigmoid(-posterior.moments().mu).mean())
 
 
+@dataclass
+class ScoredSet:
+    """A scored set's posterior, the share of its rows expected harmful before the scoring shift (a set that
+    is mostly harmful may deserve refusing outright, whatever its weights), and the shift it received."""
+
+    posterior: Posterior
+    expected_harmful_fraction: float
+    scoring_shift: float
+
+
 class SetPosterior(nn.Module):
     """Everything needed to turn one fine-tuning set's embeddings into per-sample posteriors."""
 
@@ -166,10 +176,16 @@ class SetPosterior(nn.Module):
         scoring shift (a user's set is mostly benign, unless the set itself says otherwise: `SafetyPrior`)
         is then added to every row's prior mean and logit.
         """
+        return self.score_set(prompts, responses).posterior
+
+    def score_set(self, prompts: torch.Tensor, responses: torch.Tensor) -> ScoredSet:
+        """`score`, with what it concluded about the whole set."""
         relation = self.relation(prompts, responses)
         posterior = self(prompts, responses, relation)
         if self.evidence.scoring_weight:
             energy = self.evidence.scoring_weight * self.set_energy(prompts, responses, relation)
             posterior = Posterior(posterior.mu - energy, posterior.sigma, posterior.prior_mean)
-        shift = self.prior.set_shift(expected_harmful_fraction(posterior)) if self.prior.scoring_shift else 0.0
-        return Posterior(posterior.mu + shift, posterior.sigma, posterior.prior_mean + shift)
+        harmful_fraction = expected_harmful_fraction(posterior)
+        shift = self.prior.set_shift(harmful_fraction) if self.prior.scoring_shift else 0.0
+        return ScoredSet(Posterior(posterior.mu + shift, posterior.sigma, posterior.prior_mean + shift),
+                         harmful_fraction, shift)

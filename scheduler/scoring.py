@@ -33,6 +33,8 @@ class ScoreResult:
     mu: np.ndarray  # posterior mean of the safety logit
     sigma: np.ndarray  # posterior standard deviation of the safety logit
     prior_mean: np.ndarray
+    expected_harmful_fraction: float = float("nan")  # of the whole set, before the scoring shift
+    scoring_shift: float = 0.0  # added to every row's logit (the prior log-odds of a benign row, tapered)
 
     def columns(self) -> dict[str, np.ndarray]:
         return {"weight": self.weight, "weight_std": self.weight_std, "posterior_mu": self.mu,
@@ -93,11 +95,12 @@ class NeuralScheduler:
 
     @torch.no_grad()
     def score_embeddings(self, prompts: torch.Tensor, responses: torch.Tensor) -> ScoreResult:
-        posterior = self.posterior.score(prompts, responses)
+        scored = self.posterior.score_set(prompts, responses)
+        posterior = scored.posterior
         weight, std = posterior_weights(posterior.mu, posterior.sigma, self.transform)
         moments = posterior.moments()
         return ScoreResult(weight.numpy(), std.numpy(), moments.mu.numpy(), moments.sigma.numpy(),
-                           posterior.prior_mean.numpy())
+                           posterior.prior_mean.numpy(), scored.expected_harmful_fraction, scored.scoring_shift)
 
     def score(self, rows: Iterable[Any]) -> ScoreResult:
         """Weights for rows given as dicts of any supported schema or as plain strings; the rows form one set."""

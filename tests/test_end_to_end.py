@@ -83,7 +83,11 @@ def test_scoring_shift_of_the_checkpoint_can_be_overridden_at_scoring(trained, d
     harmful_fraction = float(np.mean(1 / (1 + np.exp(unshifted.mu))))
     expected = 5.0 * min(max((0.4 - harmful_fraction) / 0.2, 0.0), 1.0)
     np.testing.assert_allclose(default.mu - unshifted.mu, expected, rtol=0, atol=1e-4)
-    apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "unshifted.jsonl", histogram=False, scoring_shift=0)
+    assert (default.scoring_shift, unshifted.scoring_shift) == (pytest.approx(expected), 0.0)
+    assert default.expected_harmful_fraction == pytest.approx(harmful_fraction, abs=1e-6)  # reported for the set
+    summary = apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "unshifted.jsonl", histogram=False,
+                              scoring_shift=0)
+    assert f"expected harmful fraction of the set: {harmful_fraction:.3f} (scoring shift applied: 0.00)" in str(summary)
     written = [json.loads(line)["posterior_mu"] for line in (tmp_path / "unshifted.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(written, unshifted.mu, rtol=0, atol=1e-5)
 
