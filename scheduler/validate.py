@@ -41,6 +41,7 @@ from scheduler.features import AlignmentBank
 from scheduler.evidence import signal_from_stats
 from scheduler.lm_stats import AlignedLMStats
 from scheduler.metrics import detection_metrics
+from scheduler.network import SetPosterior
 from scheduler.prior import SafetyPrior
 from scheduler.training import (CONFIG_DIR, calibrate_prior, calibrated_posterior, command_line_overrides, make_module,
                                 register_resolvers, scheduler_config)
@@ -152,11 +153,12 @@ def score_design(posterior, transform: str, s: EmbeddedSet) -> np.ndarray:
         return posterior_weights(post.mu, post.sigma, transform)[0].numpy()
 
 
-def at_shift(posterior, shift: float):
-    """The same trained posterior scored at another operating point (the prior's `scoring_shift`)."""
-    moved = copy.deepcopy(posterior)
-    moved.prior.scoring_shift = shift
-    return moved
+def at_shift(posterior: SetPosterior, shift: float) -> SetPosterior:
+    """The same trained network, bank and evidence scored at another operating point (the prior's `scoring_shift`);
+    only the prior is copied."""
+    prior = copy.deepcopy(posterior.prior)
+    prior.scoring_shift = shift
+    return SetPosterior(posterior.network, prior, posterior.bank, posterior.k, posterior.evidence)
 
 
 def operating_point_names(cfg: DictConfig, designs: dict[str, DictConfig]) -> dict[str, float]:
@@ -239,14 +241,15 @@ def per_fold_table(results: list[dict], methods: list[str], set_name: str = "p=0
     return "\n".join(lines)
 
 
-def plot_operating_points(table: list[dict], cfg: DictConfig, shifts: dict[str, float], path: Path) -> Path:
+def plot_operating_points(table: list[dict], cfg: DictConfig, shifts: dict[str, float], chosen: float,
+                          path: Path) -> Path:
+    """`shifts`: the extra operating points' methods; `chosen`: the design's own shift."""
     from scheduler.plots import operating_points  # matplotlib only when there is a curve to draw
 
     point = lambda row: (row["harmful_share_p0.1_mean"], row["benign_kept_p0_worst"])
     rows = {row["method"]: row for row in table}
     design = cfg.operating_points.design
     curve = {shift: point(rows[method]) for method, shift in shifts.items()}
-    chosen = float(OmegaConf.merge(cfg.model, cfg.designs[design]).prior.scoring_shift)
     curve[chosen] = point(rows[design])
     return operating_points(curve, chosen, {method: point(rows[method]) for method in BASELINES},
                             f"{design}: operating points (seed {cfg.seed})", path)
@@ -284,7 +287,8 @@ def validate(cfg: DictConfig) -> list[dict]:
     write_text(report, out / "validation.md")
     write_text(json.dumps(table, indent=1), out / "validation_summary.json")
     if shifts:  # after the tables, so that a plotting failure costs no numbers
-        plot_operating_points(table, cfg, shifts, out / "operating_points.png")
+        chosen = float(designs[cfg.operating_points.design].prior.scoring_shift)
+        plot_operating_points(table, cfg, shifts, chosen, out / "operating_points.png")
     print(report)
     return table
 
