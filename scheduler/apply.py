@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from scheduler.data.io import DataError, Example, iter_examples, write_rows
 from scheduler.metrics import detection_metrics
+from scheduler.embeddings import RowEmbeddings
 from scheduler.scoring import NeuralScheduler, ScoreResult
 
 
@@ -47,16 +48,14 @@ def read_all(path: Path) -> list[Example]:
     return examples
 
 
-def embed_in_chunks(scheduler: NeuralScheduler, examples: list[Example], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_in_chunks(scheduler: NeuralScheduler, examples: list[Example], chunk: int) -> RowEmbeddings:
     """Embed with a progress bar over rows; the encoder's own cache skips rows seen before."""
-    prompts, responses = [], []
+    chunks = []
     with tqdm(total=len(examples), desc="embedding", unit=" rows") as bar:
         for start in range(0, len(examples), chunk):
-            p, r = scheduler.embed(examples[start:start + chunk])
-            prompts.append(p)
-            responses.append(r)
-            bar.update(len(p))
-    return torch.cat(prompts), torch.cat(responses)
+            chunks.append(scheduler.embed(examples[start:start + chunk]))
+            bar.update(len(chunks[-1].prompts))
+    return RowEmbeddings(*(torch.cat(part) for part in zip(*chunks)))
 
 
 def output_rows(examples: list[Example], result: ScoreResult) -> list[dict]:

@@ -122,7 +122,7 @@ class Methods:
         if self.scalar is not None:
             weights["scalar_bds"], self.histories[s.name] = self.scalar.run(s)
         for name, scheduler in self.schedulers.items():
-            weights[name] = scheduler.score_embeddings(s.prompts, s.responses).weight
+            weights[name] = scheduler.score_embeddings(s.prompts, s.responses, s.joint).weight
         weights["supervised_filter"] = self.supervised.weights(s.prompts, s.responses)
         # A reference, not a method: what perfect knowledge of the labels would do (harmful rows get 0).
         labels = s.labels.numpy()
@@ -136,13 +136,12 @@ def measure_cost(cfg: DictConfig, methods: Methods, rows: list[Example]) -> dict
     """Wall time to weight one new dataset: the amortised scheduler (embed + score) vs scalar BDS on it."""
     name, scheduler = next(iter(methods.schedulers.items()))
     start = time.perf_counter()
-    prompts = torch.from_numpy(scheduler.embedder.encode([e.prompt for e in rows], use_cache=False))
-    responses = torch.from_numpy(scheduler.embedder.encode([e.response or " " for e in rows], use_cache=False))
-    scheduler.score_embeddings(prompts, responses)
+    prompts, responses, joint = scheduler.embedder.embed_examples(rows, use_cache=False)
+    scheduler.score_embeddings(prompts, responses, joint)
     amortised = time.perf_counter() - start
     cost = {"rows": len(rows), f"{name}_seconds": amortised}
     if methods.scalar is not None:
-        embedded = EmbeddedSet("cost", rows, prompts, responses, torch.arange(len(rows)), torch.zeros(len(rows)))
+        embedded = EmbeddedSet("cost", rows, prompts, responses, torch.arange(len(rows)), torch.zeros(len(rows)), joint)
         start = time.perf_counter()
         methods.scalar.run(embedded)
         cost["scalar_bds_seconds"] = time.perf_counter() - start

@@ -17,13 +17,16 @@ N_RELATION_FEATURES = 4
 
 @dataclass
 class AlignmentBank:
-    """Unit-norm embeddings of the alignment set's prompts and answers, stored in the checkpoint."""
+    """Unit-norm embeddings of the alignment set's prompts, answers and whole rows, stored in the checkpoint
+    (`joint` is None in checkpoints written before it)."""
 
     prompts: torch.Tensor
     responses: torch.Tensor
+    joint: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> AlignmentBank:
-        return AlignmentBank(self.prompts.to(device), self.responses.to(device))
+        joint = self.joint.to(device) if self.joint is not None else None
+        return AlignmentBank(self.prompts.to(device), self.responses.to(device), joint)
 
 
 def topk_mean_similarity(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool = False,
@@ -60,27 +63,32 @@ def relation_features(prompts: torch.Tensor, responses: torch.Tensor, bank: Alig
 
 @dataclass(frozen=True)
 class SetEvidence:
-    """What a set's own rows say about each row, without an LM or a label: density ratios and a mean contrast.
+    """What a set's own rows say about each row, without an LM or a label: density ratios and mean contrasts.
 
     A row that resembles the alignment set (k-NN similarity) more than it resembles the other rows
     of its set conflicts with the alignment set: for the prompt, and, which still sees a harmful
     answer behind a disguised request, for the answer against the alignment set's answers. Each
     ratio is centred on the set's median and put in the prior's similarity units (not the set's
     spread, so a clean set keeps a small spread). The prompt's `mean_contrast` counts only where a
-    row stands out from its set (`beyond_upper_fence`). `scoring_weight` adds this evidence to the
-    amortised posterior's logit when a set is scored (0 = the network alone).
+    row stands out from its set (`beyond_upper_fence`). The joint contrast is the mean contrast of the
+    prompt and answer read as one text against the alignment set's rows read the same way: a compliant
+    answer to a harmful request reads unlike a safe one, which the two halves embedded apart do not show.
+    It is centred on the set's median. `scoring_weight` adds this evidence to the amortised posterior's
+    logit when a set is scored (0 = the network alone).
     """
 
     prompt_weight: float = 0.0
     response_weight: float = 0.0
     scoring_weight: float = 0.0
     prompt_contrast_weight: float = 0.0
+    joint_contrast_weight: float = 0.0
 
     def energy(self, prompts: torch.Tensor, responses: torch.Tensor, relation: torch.Tensor, bank: AlignmentBank,
-               k: int, spread: torch.Tensor) -> torch.Tensor:
+               k: int, spread: torch.Tensor, joint: torch.Tensor | None = None) -> torch.Tensor:
         """Per-row energy (higher = more in conflict with the alignment set); zeros when every weight is 0.
 
-        `relation` holds the set's `relation_features`, which the posterior computes anyway."""
+        `relation` holds the set's `relation_features`, which the posterior computes anyway; `joint` the rows'
+        joint embeddings, needed when `joint_contrast_weight` is not 0."""
         energy = torch.zeros(len(responses), device=responses.device)
         if self.prompt_weight or self.response_weight:
             for weight, ratio in zip((self.prompt_weight, self.response_weight), density_ratios(responses, relation, k)):
@@ -88,6 +96,11 @@ class SetEvidence:
         if self.prompt_contrast_weight:
             outlying = beyond_upper_fence(mean_contrast(prompts, bank.prompts))
             energy = energy + self.prompt_contrast_weight * outlying / spread
+        if self.joint_contrast_weight:
+            if joint is None or bank.joint is None:
+                raise ValueError("joint_contrast_weight needs the rows' joint embeddings and the alignment bank's")
+            contrast = mean_contrast(joint, bank.joint)
+            energy = energy + self.joint_contrast_weight * (contrast - contrast.median()) / spread
         return energy
 
 

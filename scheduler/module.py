@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from sklearn.metrics import roc_auc_score
 
-from scheduler.data.datamodule import SetBatch
+from scheduler.data.datamodule import SetBatch, joint_of
 from scheduler.evidence import LMEvidence
 from scheduler.network import Posterior, SetPosterior
 from scheduler.transforms import get_transform, posterior_weights
@@ -70,10 +70,10 @@ class BDSModule(L.LightningModule):
         return optimizers
 
     def set_energy(self, row_ids: torch.Tensor, prompts: torch.Tensor, responses: torch.Tensor,
-                   relation: torch.Tensor | None = None) -> torch.Tensor:
+                   relation: torch.Tensor | None = None, joint: torch.Tensor | None = None) -> torch.Tensor:
         """Standardised LM energy of the judged rows plus the set's own embedding evidence (density ratios,
-        `SetEvidence`): no LM, no label."""
-        return standardise_known(self.energy_bank[row_ids]) + self.posterior.set_energy(prompts, responses, relation)
+        contrasts, `SetEvidence`): no LM, no label."""
+        return standardise_known(self.energy_bank[row_ids]) + self.posterior.set_energy(prompts, responses, relation, joint)
 
     def transfer_batch_to_device(self, batch: SetBatch, device: torch.device, dataloader_idx: int) -> SetBatch:
         """Tensors are moved where they are used; the batch also holds raw text for the LM."""
@@ -110,7 +110,7 @@ class BDSModule(L.LightningModule):
             with torch.no_grad():
                 current = self.posterior(prompts, responses, relation)
             self._lm_step(batch, current, optimizers[1])
-        energy = self.set_energy(batch.set.row_ids.to(self.device), prompts, responses, relation)
+        energy = self.set_energy(batch.set.row_ids.to(self.device), prompts, responses, relation, joint_of(batch.set, self.device))
         for _ in range(self.network_updates):
             data, kl = self.network_loss(self.posterior(prompts, responses, relation), energy)
             optimizers[0].zero_grad()
@@ -130,7 +130,8 @@ class BDSModule(L.LightningModule):
             parameter.add_(torch.randn_like(parameter) * math.sqrt(2 * lr) * self.langevin_noise)
 
     def validation_step(self, batch: SetBatch, batch_idx: int) -> None:
-        posterior = self.posterior.score(batch.set.prompts.to(self.device), batch.set.responses.to(self.device))
+        posterior = self.posterior.score(batch.set.prompts.to(self.device), batch.set.responses.to(self.device),
+                                         joint_of(batch.set, self.device))
         weights, _ = posterior_weights(posterior.mu, posterior.sigma, self.transform)
         labels = batch.set.labels.to(weights.device)
         metrics = {"val/mean_benign_weight": weights[labels == 0].mean()}

@@ -119,7 +119,7 @@ class Posterior:
 
 def expected_harmful_fraction(posterior: Posterior) -> float:
     """The share of a set's rows that the posterior expects to be harmful: the mean of 1 - sigmoid(mu)."""
-    return float(torch.sigmoid(-posterior.moments().mu).mean())
+    return float(torch.sigmoid(-posterior.moments().mu.detach()).mean())
 
 
 @dataclass
@@ -144,10 +144,11 @@ class SetPosterior(nn.Module):
         self.evidence = evidence
         self.register_buffer("bank_prompts", bank.prompts)
         self.register_buffer("bank_responses", bank.responses)
+        self.register_buffer("bank_joint", bank.joint)  # None (not in the state dict) in checkpoints older than it
 
     @property
     def bank(self) -> AlignmentBank:
-        return AlignmentBank(self.bank_prompts, self.bank_responses)
+        return AlignmentBank(self.bank_prompts, self.bank_responses, self.bank_joint)
 
     def relation(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """The set's `relation_features`: fixed for a set, so a caller that needs them twice computes them once."""
@@ -160,13 +161,13 @@ class SetPosterior(nn.Module):
         offset, sigma = self.network(prompts, responses, relation, set_summary(prompts, relation))
         return Posterior(prior_mean + offset, sigma, prior_mean)
 
-    def set_energy(self, prompts: torch.Tensor, responses: torch.Tensor,
-                   relation: torch.Tensor | None = None) -> torch.Tensor:
+    def set_energy(self, prompts: torch.Tensor, responses: torch.Tensor, relation: torch.Tensor | None = None,
+                   joint: torch.Tensor | None = None) -> torch.Tensor:
         """The set's own embedding evidence about each row (`SetEvidence`), in the prior's units."""
         relation = self.relation(prompts, responses) if relation is None else relation
-        return self.evidence.energy(prompts, responses, relation, self.bank, self.k, self.prior.spread)
+        return self.evidence.energy(prompts, responses, relation, self.bank, self.k, self.prior.spread, joint)
 
-    def score(self, prompts: torch.Tensor, responses: torch.Tensor) -> Posterior:
+    def score(self, prompts: torch.Tensor, responses: torch.Tensor, joint: torch.Tensor | None = None) -> Posterior:
         """The posterior a scored set gets: the network's, with the set's own evidence added to the logit.
 
         The network learned to predict the evidence of sets like its training sets; on a new set the
@@ -176,14 +177,15 @@ class SetPosterior(nn.Module):
         scoring shift (a user's set is mostly benign, unless the set itself says otherwise: `SafetyPrior`)
         is then added to every row's prior mean and logit.
         """
-        return self.score_set(prompts, responses).posterior
+        return self.score_set(prompts, responses, joint).posterior
 
-    def score_set(self, prompts: torch.Tensor, responses: torch.Tensor) -> ScoredSet:
-        """`score`, with what it concluded about the whole set."""
+    def score_set(self, prompts: torch.Tensor, responses: torch.Tensor, joint: torch.Tensor | None = None) -> ScoredSet:
+        """`score`, with what it concluded about the whole set (`joint`: the rows' joint embeddings, when the
+        evidence uses them)."""
         relation = self.relation(prompts, responses)
         posterior = self(prompts, responses, relation)
         if self.evidence.scoring_weight:
-            energy = self.evidence.scoring_weight * self.set_energy(prompts, responses, relation)
+            energy = self.evidence.scoring_weight * self.set_energy(prompts, responses, relation, joint)
             posterior = Posterior(posterior.mu - energy, posterior.sigma, posterior.prior_mean)
         harmful_fraction = expected_harmful_fraction(posterior)
         shift = self.prior.set_shift(harmful_fraction) if self.prior.scoring_shift else 0.0

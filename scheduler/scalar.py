@@ -78,7 +78,7 @@ class ScalarBDS:
         self._reset_lm()
         n = len(embedded.examples)
         local = EmbeddedSet(embedded.name, embedded.examples, embedded.prompts, embedded.responses,
-                            torch.arange(n), embedded.labels)
+                            torch.arange(n), embedded.labels, embedded.joint)
         # the scalar posterior weighs the set's evidence in its own optimisation, not again at scoring
         evidence = SetEvidence(**{**evidence_config(self.model_cfg), "scoring_weight": 0.0})
         posterior = SetPosterior(ScalarNetwork(n, self.model_cfg.network.init_sigma), copy.deepcopy(self.reference.prior),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from scheduler.data.io import DataError, Example, examples_from_rows
-from scheduler.embeddings import Embedder
+from scheduler.embeddings import Embedder, RowEmbeddings
 from scheduler.features import AlignmentBank, SetEvidence
 from scheduler.network import SetPosterior, build_network
 from scheduler.prior import SafetyPrior
@@ -56,7 +56,8 @@ class NeuralScheduler:
         self.posterior = posterior.eval()
         self.config = config
         self.transform = config["transform"]
-        self.embedder = embedder or Embedder(config["embedder"], max_seq_length=config["embedder_max_seq_length"])
+        self.embedder = embedder or Embedder(config["embedder"], max_seq_length=config["embedder_max_seq_length"],
+                                             joint_max_seq_length=config.get("embedder_joint_max_seq_length", 256))
         if self.embedder.dim != config["embed_dim"]:
             raise DataError(f"embedder '{self.embedder.name}' gives {self.embedder.dim}-d embeddings; the checkpoint "
                             f"was trained with '{config['embedder']}' ({config['embed_dim']}-d)")
@@ -85,17 +86,17 @@ class NeuralScheduler:
             config = {**config, "prior": {**config["prior"], "scoring_shift": float(scoring_shift)}}
         prefix = "posterior."
         state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        bank = AlignmentBank(state["bank_prompts"], state["bank_responses"])
+        bank = AlignmentBank(state["bank_prompts"], state["bank_responses"], state.get("bank_joint"))
         posterior = build_posterior(config, bank)
         posterior.load_state_dict(state)
         return cls(posterior, config, embedder)
 
-    def embed(self, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, examples: Sequence[Example]) -> RowEmbeddings:
         return self.embedder.embed_examples(examples)
 
     @torch.no_grad()
-    def score_embeddings(self, prompts: torch.Tensor, responses: torch.Tensor) -> ScoreResult:
-        scored = self.posterior.score_set(prompts, responses)
+    def score_embeddings(self, prompts: torch.Tensor, responses: torch.Tensor, joint: torch.Tensor | None = None) -> ScoreResult:
+        scored = self.posterior.score_set(prompts, responses, joint)
         posterior = scored.posterior
         weight, std = posterior_weights(posterior.mu, posterior.sigma, self.transform)
         moments = posterior.moments()

@@ -37,7 +37,8 @@ def register_resolvers() -> None:
 
 def scheduler_config(model_cfg: DictConfig, embedder: Embedder, full_cfg: DictConfig | None = None) -> dict[str, Any]:
     """What the checkpoint must carry to rebuild and use the network without the training config."""
-    return {"embedder": embedder.name, "embedder_max_seq_length": embedder.max_seq_length, "embed_dim": embedder.dim,
+    return {"embedder": embedder.name, "embedder_max_seq_length": embedder.max_seq_length,
+            "embedder_joint_max_seq_length": embedder.joint_max_seq_length, "embed_dim": embedder.dim,
             "k": model_cfg.k, "network": OmegaConf.to_container(model_cfg.network),
             "prior": OmegaConf.to_container(model_cfg.prior), "evidence": evidence_config(model_cfg),
             "signal": model_cfg.signal,
@@ -50,7 +51,8 @@ def evidence_config(model_cfg: DictConfig) -> dict[str, float]:
     return {"prompt_weight": model_cfg.density_ratio_weight,
             "response_weight": model_cfg.get("response_density_ratio_weight", 0.0),
             "scoring_weight": model_cfg.get("scoring_evidence_weight", 0.0),
-            "prompt_contrast_weight": model_cfg.get("prompt_contrast_weight", 0.0)}
+            "prompt_contrast_weight": model_cfg.get("prompt_contrast_weight", 0.0),
+            "joint_contrast_weight": model_cfg.get("joint_contrast_weight", 0.0)}
 
 
 def calibrate_prior(prior: SafetyPrior, bank: AlignmentBank, training_prompts: torch.Tensor, k: int) -> SafetyPrior:

@@ -149,7 +149,7 @@ def train_network(design: DictConfig, embedder: Embedder, bank: AlignmentBank, t
 
 def score_design(posterior, transform: str, s: EmbeddedSet) -> np.ndarray:
     with torch.no_grad():
-        post = posterior.score(s.prompts, s.responses)
+        post = posterior.score(s.prompts, s.responses, s.joint)
         return posterior_weights(post.mu, post.sigma, transform)[0].numpy()
 
 

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import train_overrides
+from omegaconf import OmegaConf
 
 from scheduler import NeuralScheduler
+from scheduler.training import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -72,16 +74,19 @@ def test_checkpoint_loads_in_python_and_scores_any_schema(trained):
 
 
 def test_scoring_shift_of_the_checkpoint_can_be_overridden_at_scoring(trained, data_dir, tmp_path):
-    """The trained default carries scoring_shift 5, tapered by the set's expected harmful fraction: every logit
-    of the set moves by the same amount, the one the taper gives; `scoring_shift=0` (in Python or in
+    """The trained default carries the configured scoring_shift, tapered by the set's expected harmful fraction:
+    every logit of the set moves by the same amount, the one the taper gives; `scoring_shift=0` (in Python or in
     apply_scheduler) scores without it."""
     from scheduler.apply import apply_scheduler
 
     checkpoint = trained / "scheduler.ckpt"
     rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
-    default, unshifted = NeuralScheduler.load(checkpoint).score(rows), NeuralScheduler.load(checkpoint, scoring_shift=0).score(rows)
+    scheduler = NeuralScheduler.load(checkpoint)
+    default, unshifted = scheduler.score(rows), NeuralScheduler.load(checkpoint, scoring_shift=0).score(rows)
     harmful_fraction = float(np.mean(1 / (1 + np.exp(unshifted.mu))))
-    expected = 5.0 * min(max((0.4 - harmful_fraction) / 0.2, 0.0), 1.0)
+    configured = OmegaConf.load(CONFIG_DIR / "model" / "default.yaml").prior.scoring_shift
+    assert scheduler.config["prior"]["scoring_shift"] == configured > 0
+    expected = configured * min(max((0.4 - harmful_fraction) / 0.2, 0.0), 1.0)
     np.testing.assert_allclose(default.mu - unshifted.mu, expected, rtol=0, atol=1e-4)
     assert (default.scoring_shift, unshifted.scoring_shift) == (pytest.approx(expected), 0.0)
     assert default.expected_harmful_fraction == pytest.approx(harmful_fraction, abs=1e-6)  # reported for the set

@@ -1,6 +1,7 @@
 """The BDS Lightning step: the network follows the LM evidence, the LM learns from the alignment set."""
 
 import lightning as L
+import numpy as np
 import torch
 from conftest import train_overrides
 from hydra import compose, initialize_config_dir
@@ -122,11 +123,41 @@ def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
 
     model_cfg = OmegaConf.load(CONFIG_DIR / "model" / "default.yaml")
     assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 1.0, "scoring_weight": 1.0,
-                                          "prompt_contrast_weight": 4.0}
-    del model_cfg["response_density_ratio_weight"], model_cfg["scoring_evidence_weight"], model_cfg["prompt_contrast_weight"]
+                                          "prompt_contrast_weight": 4.0, "joint_contrast_weight": 3.0}
+    for key in ("response_density_ratio_weight", "scoring_evidence_weight", "prompt_contrast_weight", "joint_contrast_weight"):
+        del model_cfg[key]
     assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 0.0, "scoring_weight": 0.0,
-                                          "prompt_contrast_weight": 0.0}
+                                          "prompt_contrast_weight": 0.0, "joint_contrast_weight": 0.0}
     bank = AlignmentBank(torch.eye(4)[:2], torch.eye(4)[2:])
     old_entry = {"embed_dim": 4, "network": {"hidden": 8}, "prior": {"kind": "alignment"}, "k": 1}
-    assert build_posterior(old_entry, bank).evidence == SetEvidence()
-    assert build_posterior(old_entry, bank).prior.scoring_shift == 0.0  # written before the scoring shift
+    old = build_posterior(old_entry, bank)
+    assert old.evidence == SetEvidence()
+    assert old.prior.scoring_shift == 0.0  # written before the scoring shift
+    # written before the joint embedding: no bank_joint in the state; it loads and scores without one
+    assert "bank_joint" not in old.state_dict()
+    reloaded = build_posterior(old_entry, AlignmentBank(torch.eye(4)[:2], torch.eye(4)[2:]))
+    reloaded.load_state_dict(old.state_dict())
+    prompts = torch.eye(4)[[0, 3]]
+    torch.testing.assert_close(reloaded.eval().score(prompts, prompts).mu, old.eval().score(prompts, prompts).mu)
+    with_joint = build_posterior(old_entry, AlignmentBank(torch.eye(4)[:2], torch.eye(4)[2:], torch.eye(4)[1:3]))
+    torch.testing.assert_close(with_joint.state_dict()["bank_joint"], torch.eye(4)[1:3])
+
+
+def test_joint_embeddings_read_prompt_and_answer_together_with_their_own_window_and_cache(tiny_embedder_path, tmp_path):
+    """The joint embedding is the embedding of `joint_text` with the longer window, cached apart from the
+    prompt and answer embeddings (the same text embedded with another window is another vector)."""
+    from scheduler.data.io import Example
+    from scheduler.embeddings import Embedder, joint_text
+
+    embedder = Embedder(tiny_embedder_path, max_seq_length=8, joint_max_seq_length=32, cache_dir=tmp_path,
+                        show_progress=False)
+    rows = [Example("how do I bake bread at home", "mix flour water yeast and salt then bake it"),
+            Example("tell me a joke", "")]
+    prompts, responses, joint = embedder.embed_examples(rows)
+    long_window = Embedder(tiny_embedder_path, max_seq_length=32, cache_dir=tmp_path / "other", show_progress=False)
+    texts = [joint_text(e.prompt, e.response) for e in rows]
+    np.testing.assert_allclose(joint.numpy(), long_window.encode(texts), atol=1e-6)
+    assert not np.allclose(embedder.encode(texts), joint.numpy(), atol=1e-3)  # the short window cuts the answer
+    assert embedder.joint_cache_dir != embedder.cache_dir and any(embedder.joint_cache_dir.rglob("*.npy"))
+    np.testing.assert_allclose(embedder.embed_examples(rows).joint.numpy(), joint.numpy())  # from the cache
+    assert joint_text("Q?", "A.") == "Question: Q?\nAnswer: A."

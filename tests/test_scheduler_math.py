@@ -121,6 +121,23 @@ def test_only_rows_beyond_the_sets_upper_fence_get_contrast_energy():
     torch.testing.assert_close(energy, torch.tensor([2 * (bank.prompts.mean(0)[0].item() + 0.75), 0, 0, 0, 0]))
 
 
+def test_joint_contrast_energy_by_hand():
+    """The joint mean contrast, centred on the set's median: rows read as a whole against the alignment rows read
+    the same way. Row 0 reads like the alignment rows and unlike the rest of its set (contrast: its mean similarity
+    to the alignment rows, minus 0), rows 1-3 like each other; weight 2, prior spread 0.5. Without joint
+    embeddings the weight is an error, not a silent 0."""
+    bank = AlignmentBank(unit([[1, 0, 0]]), unit([[0, 1, 0]]), unit([[1, 0, 0], [1, 0.2, 0]]))
+    joint = unit([[1, 0, 0], [0, 0, 1], [0, 0, 1], [0, 0.1, 1]])
+    prompts = unit([[0, 0, 1]] * 4)
+    contrast = mean_contrast(joint, bank.joint)
+    evidence = SetEvidence(joint_contrast_weight=2.0)
+    energy = evidence.energy(prompts, prompts, relation_features(prompts, prompts, bank, 1), bank, 1, torch.tensor(0.5), joint)
+    torch.testing.assert_close(energy, 2.0 * (contrast - contrast.median()) / 0.5)
+    assert energy.argmax() == 0 and contrast[0] == pytest.approx(bank.joint.mean(0)[0].item() - 0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="joint"):
+        evidence.energy(prompts, prompts, relation_features(prompts, prompts, bank, 1), bank, 1, torch.tensor(0.5))
+
+
 def test_scoring_adds_the_sets_own_evidence_to_the_logit_and_training_does_not():
     """The disguised row of the case above: at scoring its logit drops by scoring_weight * energy (2);
     the posterior the BDS objective trains, and a single row (no set to compare with), are unchanged."""

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from scheduler.data.io import Example
 from scheduler.data.mixing import FineTuningSet, build_training_sets, mix, read_pool, read_tasks, split_harmful
-from scheduler.embeddings import Embedder
+from scheduler.embeddings import Embedder, RowEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,11 @@ class EmbeddedSet:
     responses: torch.Tensor
     row_ids: torch.Tensor
     labels: torch.Tensor  # 1 = harmful; monitoring only
+    joint: torch.Tensor | None = None  # prompt and answer read as one text
+
+
+def joint_of(embedded: EmbeddedSet, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    return embedded.joint.to(device) if embedded.joint is not None else None
 
 
 @dataclass
@@ -47,10 +52,10 @@ def embed_sets(sets: Sequence[FineTuningSet], embedder: Embedder, first_row_id: 
     """Embed every distinct text once and give each row of each set a unique bank id."""
     embedded, next_id = [], first_row_id
     for fine_tuning_set in sets:
-        prompts, responses = embedder.embed_examples(fine_tuning_set.examples)
+        prompts, responses, joint = embedder.embed_examples(fine_tuning_set.examples)
         n = len(fine_tuning_set)
         embedded.append(EmbeddedSet(fine_tuning_set.name, fine_tuning_set.examples, prompts, responses,
-                                    torch.arange(next_id, next_id + n), torch.tensor(fine_tuning_set.labels)))
+                                    torch.arange(next_id, next_id + n), torch.tensor(fine_tuning_set.labels), joint))
         next_id += n
     return embedded
 
@@ -124,7 +129,7 @@ class FineTuningSetsDataModule(L.LightningDataModule):
     def n_train_rows(self) -> int:
         return sum(len(s.examples) for s in self.train_sets)
 
-    def alignment_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def alignment_embeddings(self) -> RowEmbeddings:
         return self.embedder.embed_examples(self.alignment)
 
     def train_dataloader(self) -> DataLoader:
