@@ -55,7 +55,7 @@ def embed_in_chunks(scheduler: NeuralScheduler, examples: list[Example], chunk: 
         for start in range(0, len(examples), chunk):
             chunks.append(scheduler.embed(examples[start:start + chunk]))
             bar.update(len(chunks[-1].prompts))
-    return RowEmbeddings(*(torch.cat(part) for part in zip(*chunks)))
+    return RowEmbeddings(*(torch.cat(part) if part[0] is not None else None for part in zip(*chunks)))
 
 
 def output_rows(examples: list[Example], result: ScoreResult) -> list[dict]:

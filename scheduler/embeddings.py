@@ -29,7 +29,7 @@ class RowEmbeddings(NamedTuple):
 
     prompts: torch.Tensor
     responses: torch.Tensor
-    joint: torch.Tensor
+    joint: torch.Tensor | None
 
 
 def joint_text(prompt: str, response: str) -> str:
@@ -123,12 +123,14 @@ class Embedder:
                     self._store(cache_dir, key, vector.astype(np.float32))
         return out
 
-    def embed_examples(self, examples: Sequence, use_cache: bool = True) -> RowEmbeddings:
-        """Prompt, response and joint embeddings of Examples; an empty response is embedded as a space."""
+    def embed_examples(self, examples: Sequence, use_cache: bool = True, joint: bool = True) -> RowEmbeddings:
+        """Prompt, response and (unless `joint` is False: None) joint embeddings of Examples; an empty response
+        is embedded as a space."""
         prompts = self.encode([e.prompt for e in examples], use_cache)
         responses = self.encode([e.response or " " for e in examples], use_cache)
-        joint = self.encode([joint_text(e.prompt, e.response) for e in examples], use_cache, joint=True)
-        return RowEmbeddings(torch.from_numpy(prompts), torch.from_numpy(responses), torch.from_numpy(joint))
+        both = self.encode([joint_text(e.prompt, e.response) for e in examples], use_cache, joint=True) if joint else None
+        return RowEmbeddings(torch.from_numpy(prompts), torch.from_numpy(responses),
+                             torch.from_numpy(both) if joint else None)
 
     def _store(self, cache_dir: Path, key: str, vector: np.ndarray) -> None:
         file = self._cache_file(cache_dir, key)

@@ -136,11 +136,12 @@ def measure_cost(cfg: DictConfig, methods: Methods, rows: list[Example]) -> dict
     """Wall time to weight one new dataset: the amortised scheduler (embed + score) vs scalar BDS on it."""
     name, scheduler = next(iter(methods.schedulers.items()))
     start = time.perf_counter()
-    prompts, responses, joint = scheduler.embedder.embed_examples(rows, use_cache=False)
+    prompts, responses, joint = scheduler.embed(rows, use_cache=False)
     scheduler.score_embeddings(prompts, responses, joint)
     amortised = time.perf_counter() - start
     cost = {"rows": len(rows), f"{name}_seconds": amortised}
     if methods.scalar is not None:
+        joint = joint if joint is not None else scheduler.embedder.embed_examples(rows).joint  # the scalar's evidence reads it
         embedded = EmbeddedSet("cost", rows, prompts, responses, torch.arange(len(rows)), torch.zeros(len(rows)), joint)
         start = time.perf_counter()
         methods.scalar.run(embedded)

@@ -91,8 +91,13 @@ class NeuralScheduler:
         posterior.load_state_dict(state)
         return cls(posterior, config, embedder)
 
-    def embed(self, examples: Sequence[Example]) -> RowEmbeddings:
-        return self.embedder.embed_examples(examples)
+    @property
+    def needs_joint(self) -> bool:
+        """Whether scoring reads the joint embeddings (checkpoints older than them, or designs without, do not)."""
+        return bool(self.posterior.evidence.scoring_weight and self.posterior.evidence.joint_contrast_weight)
+
+    def embed(self, examples: Sequence[Example], use_cache: bool = True) -> RowEmbeddings:
+        return self.embedder.embed_examples(examples, use_cache, joint=self.needs_joint)
 
     @torch.no_grad()
     def score_embeddings(self, prompts: torch.Tensor, responses: torch.Tensor, joint: torch.Tensor | None = None) -> ScoreResult:

@@ -161,3 +161,14 @@ def test_joint_embeddings_read_prompt_and_answer_together_with_their_own_window_
     assert embedder.joint_cache_dir != embedder.cache_dir and any(embedder.joint_cache_dir.rglob("*.npy"))
     np.testing.assert_allclose(embedder.embed_examples(rows).joint.numpy(), joint.numpy())  # from the cache
     assert joint_text("Q?", "A.") == "Question: Q?\nAnswer: A."
+    # Scoring embeds the joint text only for a checkpoint whose evidence reads it (an older one skips the cost)
+    from scheduler.features import SetEvidence
+    from scheduler.scoring import NeuralScheduler
+
+    bank = AlignmentBank(prompts, responses, joint)
+    config = {"transform": "sigmoid", "embed_dim": embedder.dim}
+    for evidence, expected in ((SetEvidence(), False), (SetEvidence(scoring_weight=1.0, joint_contrast_weight=3.0), True)):
+        network = SchedulerNetwork(embedder.dim, hidden=4)
+        scheduler = NeuralScheduler(SetPosterior(network, SafetyPrior(), bank, k=1, evidence=evidence), config, embedder)
+        assert scheduler.needs_joint is expected and (scheduler.embed(rows).joint is not None) is expected
+        assert len(scheduler.score(rows).weight) == 2
