@@ -10,7 +10,8 @@ from scheduler.data.io import exit_on_data_error
 @hydra.main(config_path="conf", config_name="apply", version_base=None)
 def main(cfg: DictConfig) -> None:
     with exit_on_data_error():
-        summary = apply_scheduler(cfg.checkpoint, cfg.input, cfg.output, cfg.chunk, cfg.histogram, cfg.scoring_shift)
+        summary = apply_scheduler(cfg.checkpoint, cfg.input, cfg.output, cfg.chunk, cfg.histogram, cfg.scoring_shift,
+                                  cfg.scoring_shift_taper)
     print(summary)
 
 

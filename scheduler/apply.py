@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,15 +85,16 @@ def plot_histogram(weights: np.ndarray, path: Path) -> Path:
 
 
 def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path: str | Path, chunk: int = 512,
-                    histogram: bool = True, scoring_shift: float | None = None) -> ApplySummary:
+                    histogram: bool = True, scoring_shift: float | None = None,
+                    scoring_shift_taper: Sequence[float] | None = None) -> ApplySummary:
     """Read, embed, score and write atomically; the input file is never modified.
 
-    `scoring_shift` overrides the checkpoint's operating point (`NeuralScheduler.load`)."""
+    `scoring_shift` and `scoring_shift_taper` override the checkpoint's operating point (`NeuralScheduler.load`)."""
     input_path, output_path = Path(input_path), Path(output_path)
     if output_path.resolve() == input_path.resolve():
         raise DataError(f"{output_path}: output would overwrite the input; choose another output path")
     examples = read_all(input_path)  # fail on bad rows before spending time on the model
-    scheduler = NeuralScheduler.load(checkpoint, scoring_shift=scoring_shift)
+    scheduler = NeuralScheduler.load(checkpoint, scoring_shift=scoring_shift, scoring_shift_taper=scoring_shift_taper)
     result = scheduler.score_embeddings(*embed_in_chunks(scheduler, examples, chunk))
     write_rows(output_rows(examples, result), output_path)
     hist = plot_histogram(result.weight, output_path.with_suffix(".hist.png")) if histogram else None

@@ -49,6 +49,17 @@ def build_posterior(config: dict[str, Any], bank: AlignmentBank) -> SetPosterior
     return SetPosterior(network, prior, bank, k=config["k"], evidence=SetEvidence(**config.get("evidence", {})))
 
 
+def checked_taper(taper: Any) -> list[float]:
+    """Two expected harmful fractions 0 <= low < high <= 1, or a one-line error naming the option."""
+    try:
+        low, high = (float(end) for end in taper)
+    except (TypeError, ValueError):
+        raise DataError(f"scoring_shift_taper: expected two harmful fractions [low, high]; got {taper!r}") from None
+    if not 0 <= low < high <= 1:
+        raise DataError(f"scoring_shift_taper: expected 0 <= low < high <= 1; got [{low:g}, {high:g}]")
+    return [low, high]
+
+
 class NeuralScheduler:
     """A trained amortised scheduler, ready to weight any dataset."""
 
@@ -63,15 +74,18 @@ class NeuralScheduler:
                             f"was trained with '{config['embedder']}' ({config['embed_dim']}-d)")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, embedder: Embedder | None = None,
-             scoring_shift: float | None = None) -> NeuralScheduler:
+    def load(cls, path: str | os.PathLike, embedder: Embedder | None = None, scoring_shift: float | None = None,
+             scoring_shift_taper: Sequence[float] | None = None) -> NeuralScheduler:
         """Load a checkpoint written by train_scheduler.py (or any BDSModule checkpoint).
 
         `scoring_shift` replaces the checkpoint's prior log-odds of a benign row at scoring (`SafetyPrior`):
-        higher keeps more rows at weight >= 0.5, lower flags more; None keeps the checkpoint's."""
+        higher keeps more rows at weight >= 0.5, lower flags more. `scoring_shift_taper` replaces the expected
+        harmful fractions over which that shift shrinks to 0: higher ends keep more benign rows of sets that
+        hold harmful rows, and let more harmful weight through. None keeps the checkpoint's."""
         path = Path(path)
         if scoring_shift is not None and not isinstance(scoring_shift, (int, float)):
             raise DataError(f"scoring_shift: expected a number (log-odds, e.g. 0 or 5); got {scoring_shift!r}")
+        taper = None if scoring_shift_taper is None else checked_taper(scoring_shift_taper)
         if not path.is_file():
             raise DataError(f"{path}: checkpoint not found")
         try:
@@ -84,6 +98,8 @@ class NeuralScheduler:
         config = checkpoint[CHECKPOINT_KEY]
         if scoring_shift is not None:
             config = {**config, "prior": {**config["prior"], "scoring_shift": float(scoring_shift)}}
+        if taper is not None:
+            config = {**config, "prior": {**config["prior"], "scoring_shift_taper": taper}}
         prefix = "posterior."
         state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         bank = AlignmentBank(state["bank_prompts"], state["bank_responses"], state.get("bank_joint"))

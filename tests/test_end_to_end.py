@@ -76,7 +76,7 @@ def test_checkpoint_loads_in_python_and_scores_any_schema(trained):
 def test_scoring_shift_of_the_checkpoint_can_be_overridden_at_scoring(trained, data_dir, tmp_path):
     """The trained default carries the configured scoring_shift, tapered by the set's expected harmful fraction:
     every logit of the set moves by the same amount, the one the taper gives; `scoring_shift=0` (in Python or in
-    apply_scheduler) scores without it."""
+    apply_scheduler) scores without it, and `scoring_shift_taper` moves the taper's ends."""
     from scheduler.apply import apply_scheduler
 
     checkpoint = trained / "scheduler.ckpt"
@@ -95,6 +95,13 @@ def test_scoring_shift_of_the_checkpoint_can_be_overridden_at_scoring(trained, d
     assert f"expected harmful fraction of the set: {harmful_fraction:.3f} (scoring shift applied: 0.00)" in str(summary)
     written = [json.loads(line)["posterior_mu"] for line in (tmp_path / "unshifted.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(written, unshifted.mu, rtol=0, atol=1e-5)
+    # The taper too: ends below the set's expected harmful fraction take the whole shift away, ends above it none
+    low, high = harmful_fraction / 4, harmful_fraction / 2
+    untapered = NeuralScheduler.load(checkpoint, scoring_shift_taper=[harmful_fraction + 0.01, 1.0]).score(rows)
+    np.testing.assert_allclose(untapered.mu - unshifted.mu, configured, rtol=0, atol=1e-4)
+    summary = apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "tapered.jsonl", histogram=False,
+                              scoring_shift_taper=[low, high])
+    assert "(scoring shift applied: 0.00)" in str(summary)
 
 
 def test_resume_from_last_checkpoint(trained, data_dir, tiny_embedder_path, tiny_lm_path, tmp_path):
