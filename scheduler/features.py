@@ -73,8 +73,9 @@ class SetEvidence:
     row stands out from its set (`beyond_upper_fence`). The joint contrast is the mean contrast of the
     prompt and answer read as one text against the alignment set's rows read the same way: a compliant
     answer to a harmful request reads unlike a safe one, which the two halves embedded apart do not show.
-    It is centred on the set's median. `scoring_weight` adds this evidence to the amortised posterior's
-    logit when a set is scored (0 = the network alone).
+    It is centred on the set's median (`joint_at_scoring_only`: only when a set is scored, not in training).
+    `scoring_weight` adds this evidence to the amortised posterior's logit when a set is scored (0 = the
+    network alone).
     """
 
     prompt_weight: float = 0.0
@@ -82,9 +83,10 @@ class SetEvidence:
     scoring_weight: float = 0.0
     prompt_contrast_weight: float = 0.0
     joint_contrast_weight: float = 0.0
+    joint_at_scoring_only: bool = False
 
     def energy(self, prompts: torch.Tensor, responses: torch.Tensor, relation: torch.Tensor, bank: AlignmentBank,
-               k: int, spread: torch.Tensor, joint: torch.Tensor | None = None) -> torch.Tensor:
+               k: int, spread: torch.Tensor, joint: torch.Tensor | None = None, scoring: bool = False) -> torch.Tensor:
         """Per-row energy (higher = more in conflict with the alignment set); zeros when every weight is 0.
 
         `relation` holds the set's `relation_features`, which the posterior computes anyway; `joint` the rows'
@@ -96,7 +98,7 @@ class SetEvidence:
         if self.prompt_contrast_weight:
             outlying = beyond_upper_fence(mean_contrast(prompts, bank.prompts))
             energy = energy + self.prompt_contrast_weight * outlying / spread
-        if self.joint_contrast_weight:
+        if self.joint_contrast_weight and (scoring or not self.joint_at_scoring_only):
             if joint is None or bank.joint is None:
                 raise ValueError("joint_contrast_weight needs the rows' joint embeddings and the alignment bank's")
             contrast = mean_contrast(joint, bank.joint)

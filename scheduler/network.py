@@ -162,10 +162,11 @@ class SetPosterior(nn.Module):
         return Posterior(prior_mean + offset, sigma, prior_mean)
 
     def set_energy(self, prompts: torch.Tensor, responses: torch.Tensor, relation: torch.Tensor | None = None,
-                   joint: torch.Tensor | None = None) -> torch.Tensor:
-        """The set's own embedding evidence about each row (`SetEvidence`), in the prior's units."""
+                   joint: torch.Tensor | None = None, scoring: bool = False) -> torch.Tensor:
+        """The set's own embedding evidence about each row (`SetEvidence`), in the prior's units (`scoring`: as a
+        scored set gets it, rather than the BDS objective)."""
         relation = self.relation(prompts, responses) if relation is None else relation
-        return self.evidence.energy(prompts, responses, relation, self.bank, self.k, self.prior.spread, joint)
+        return self.evidence.energy(prompts, responses, relation, self.bank, self.k, self.prior.spread, joint, scoring)
 
     def score(self, prompts: torch.Tensor, responses: torch.Tensor, joint: torch.Tensor | None = None) -> Posterior:
         """The posterior a scored set gets: the network's, with the set's own evidence added to the logit.
@@ -185,7 +186,7 @@ class SetPosterior(nn.Module):
         relation = self.relation(prompts, responses)
         posterior = self(prompts, responses, relation)
         if self.evidence.scoring_weight:
-            energy = self.evidence.scoring_weight * self.set_energy(prompts, responses, relation, joint)
+            energy = self.evidence.scoring_weight * self.set_energy(prompts, responses, relation, joint, scoring=True)
             posterior = Posterior(posterior.mu - energy, posterior.sigma, posterior.prior_mean)
         harmful_fraction = expected_harmful_fraction(posterior)
         shift = self.prior.set_shift(harmful_fraction) if self.prior.scoring_shift else 0.0

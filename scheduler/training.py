@@ -52,7 +52,8 @@ def evidence_config(model_cfg: DictConfig) -> dict[str, float]:
             "response_weight": model_cfg.get("response_density_ratio_weight", 0.0),
             "scoring_weight": model_cfg.get("scoring_evidence_weight", 0.0),
             "prompt_contrast_weight": model_cfg.get("prompt_contrast_weight", 0.0),
-            "joint_contrast_weight": model_cfg.get("joint_contrast_weight", 0.0)}
+            "joint_contrast_weight": model_cfg.get("joint_contrast_weight", 0.0),
+            "joint_at_scoring_only": bool(model_cfg.get("joint_contrast_at_scoring_only", False))}
 
 
 def calibrate_prior(prior: SafetyPrior, bank: AlignmentBank, training_prompts: torch.Tensor, k: int) -> SafetyPrior:

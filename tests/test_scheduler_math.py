@@ -136,6 +136,11 @@ def test_joint_contrast_energy_by_hand():
     assert energy.argmax() == 0 and contrast[0] == pytest.approx(bank.joint.mean(0)[0].item() - 0.0, abs=1e-6)
     with pytest.raises(ValueError, match="joint"):
         evidence.energy(prompts, prompts, relation_features(prompts, prompts, bank, 1), bank, 1, torch.tensor(0.5))
+    # at scoring only: no joint term in the BDS objective's energy, the same term when a set is scored
+    late = SetEvidence(joint_contrast_weight=2.0, joint_at_scoring_only=True)
+    relation = relation_features(prompts, prompts, bank, 1)
+    assert late.energy(prompts, prompts, relation, bank, 1, torch.tensor(0.5), joint).abs().max() == 0
+    torch.testing.assert_close(late.energy(prompts, prompts, relation, bank, 1, torch.tensor(0.5), joint, scoring=True), energy)
 
 
 def test_scoring_adds_the_sets_own_evidence_to_the_logit_and_training_does_not():
