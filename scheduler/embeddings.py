@@ -76,7 +76,7 @@ class Embedder:
         self.show_progress = show_progress
         self.model = _load_model(resolve_embedder_path(name_or_path), max_seq_length)
         self.dim = int(self.model.get_embedding_dimension())
-        self.identity = f"{name_or_path}|dim={self.dim}|max_seq_length={self.max_seq_length}"
+        self.identity = self._identity(max_seq_length)
         self.cache_dir = self._cache_dir_for(cache_dir, max_seq_length)
         self.joint_cache_dir = self._cache_dir_for(cache_dir, joint_max_seq_length)
 
@@ -84,8 +84,10 @@ class Embedder:
         """One cache per sequence length: a text embedded with a longer window is another vector."""
         if cache_dir:
             return Path(cache_dir) if max_seq_length == self.max_seq_length else Path(cache_dir) / f"len{max_seq_length}"
-        identity = f"{self.name}|dim={self.dim}|max_seq_length={max_seq_length}"
-        return cache_root() / "embeddings" / hashlib.sha1(identity.encode()).hexdigest()[:16]
+        return cache_root() / "embeddings" / hashlib.sha1(self._identity(max_seq_length).encode()).hexdigest()[:16]
+
+    def _identity(self, max_seq_length: int) -> str:
+        return f"{self.name}|dim={self.dim}|max_seq_length={max_seq_length}"
 
     @staticmethod
     def _key(text: str) -> str:

@@ -20,6 +20,12 @@ import torch
 from torch import nn
 
 
+def check_taper(low: float, high: float) -> None:
+    """The taper's ends are expected harmful fractions with 0 <= low < high <= 1."""
+    if not 0 <= low < high <= 1:
+        raise ValueError(f"scoring_shift_taper: expected 0 <= low < high <= 1; got [{low:g}, {high:g}]")
+
+
 class SafetyPrior(nn.Module):
     """N(mean_i, scale^2) over the logit; mean_i = benign_mean - slope * standardised similarity."""
 
@@ -33,9 +39,8 @@ class SafetyPrior(nn.Module):
         self.slope = slope if kind == "alignment" else 0.0
         self.scale = scale
         self.scoring_shift = scoring_shift
-        if scoring_shift_taper is not None and not 0 <= scoring_shift_taper[0] < scoring_shift_taper[1] <= 1:
-            raise ValueError(f"scoring_shift_taper must be two harmful fractions 0 <= low < high <= 1; "
-                             f"got {list(scoring_shift_taper)}")
+        if scoring_shift_taper is not None:
+            check_taper(*scoring_shift_taper)
         self.scoring_shift_taper = scoring_shift_taper
         self.register_buffer("center", torch.tensor(0.0))
         self.register_buffer("spread", torch.tensor(1.0))

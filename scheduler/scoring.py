@@ -18,7 +18,7 @@ from scheduler.data.io import DataError, Example, examples_from_rows
 from scheduler.embeddings import Embedder, RowEmbeddings
 from scheduler.features import AlignmentBank, SetEvidence
 from scheduler.network import SetPosterior, build_network
-from scheduler.prior import SafetyPrior
+from scheduler.prior import SafetyPrior, check_taper
 from scheduler.transforms import posterior_weights
 
 CHECKPOINT_KEY = "scheduler"
@@ -55,8 +55,10 @@ def checked_taper(taper: Any) -> list[float]:
         low, high = (float(end) for end in taper)
     except (TypeError, ValueError):
         raise DataError(f"scoring_shift_taper: expected two harmful fractions [low, high]; got {taper!r}") from None
-    if not 0 <= low < high <= 1:
-        raise DataError(f"scoring_shift_taper: expected 0 <= low < high <= 1; got [{low:g}, {high:g}]")
+    try:
+        check_taper(low, high)
+    except ValueError as error:
+        raise DataError(str(error)) from None
     return [low, high]
 
 
