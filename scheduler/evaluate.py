@@ -102,7 +102,7 @@ class Methods:
         reference = next(iter(schedulers.values()))
         self.reference, self.schedulers = reference, schedulers
         self.k = reference.config["k"]
-        collection_set = embed_sets([FineTuningSet("collection", collection)], reference.embedder)[0]
+        collection_set = embed_sets([FineTuningSet("collection", collection)], reference.embedder, joint=False)[0]
         self.supervised = SupervisedFilter().fit(collection_set.prompts, collection_set.responses,
                                                  collection_set.labels.numpy())
         self.scalar = self._scalar(cfg, alignment) if cfg.evaluation.scalar.enabled else None
@@ -133,15 +133,14 @@ class Methods:
 
 
 def measure_cost(cfg: DictConfig, methods: Methods, rows: list[Example]) -> dict[str, float]:
-    """Wall time to weight one new dataset: the amortised scheduler (embed + score) vs scalar BDS on it."""
-    name, scheduler = next(iter(methods.schedulers.items()))
-    start = time.perf_counter()
-    prompts, responses, joint = scheduler.embed(rows, use_cache=False)
-    scheduler.score_embeddings(prompts, responses, joint)
-    amortised = time.perf_counter() - start
-    cost = {"rows": len(rows), f"{name}_seconds": amortised}
+    """Wall time to weight one new dataset: each amortised scheduler (embed + score) vs scalar BDS on it."""
+    cost = {"rows": len(rows)}
+    for name, scheduler in methods.schedulers.items():
+        start = time.perf_counter()
+        scheduler.score_embeddings(*scheduler.embed(rows, use_cache=False))
+        cost[f"{name}_seconds"] = time.perf_counter() - start
     if methods.scalar is not None:
-        joint = joint if joint is not None else scheduler.embedder.embed_examples(rows).joint  # the scalar's evidence reads it
+        prompts, responses, joint = methods.reference.embedder.embed_examples(rows)  # the scalar's evidence may read joint
         embedded = EmbeddedSet("cost", rows, prompts, responses, torch.arange(len(rows)), torch.zeros(len(rows)), joint)
         start = time.perf_counter()
         methods.scalar.run(embedded)

@@ -85,6 +85,13 @@ class SetEvidence:
     joint_contrast_weight: float = 0.0
     joint_at_scoring_only: bool = False
 
+    def reads_joint(self, scoring: bool) -> bool:
+        """Whether `energy` needs the rows' joint embeddings: when a set is scored (`scoring`) or in training.
+        They cost a second, longer encoder pass, so callers embed them only where they are read."""
+        if scoring:
+            return bool(self.scoring_weight and self.joint_contrast_weight)
+        return bool(self.joint_contrast_weight and not self.joint_at_scoring_only)
+
     def energy(self, prompts: torch.Tensor, responses: torch.Tensor, relation: torch.Tensor, bank: AlignmentBank,
                k: int, spread: torch.Tensor, joint: torch.Tensor | None = None, scoring: bool = False) -> torch.Tensor:
         """Per-row energy (higher = more in conflict with the alignment set); zeros when every weight is 0.

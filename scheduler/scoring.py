@@ -112,7 +112,7 @@ class NeuralScheduler:
     @property
     def needs_joint(self) -> bool:
         """Whether scoring reads the joint embeddings (checkpoints older than them, or designs without, do not)."""
-        return bool(self.posterior.evidence.scoring_weight and self.posterior.evidence.joint_contrast_weight)
+        return self.posterior.evidence.reads_joint(scoring=True)
 
     def embed(self, examples: Sequence[Example], use_cache: bool = True) -> RowEmbeddings:
         return self.embedder.embed_examples(examples, use_cache, joint=self.needs_joint)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from scheduler.data.datamodule import FineTuningSetsDataModule
 from scheduler.embeddings import Embedder
 from scheduler.evidence import LMEvidence
-from scheduler.features import AlignmentBank, alignment_similarity, topk_mean_similarity
+from scheduler.features import AlignmentBank, SetEvidence, alignment_similarity, topk_mean_similarity
 from scheduler.lm import DEFAULT_REFUSAL, load_lm
 from scheduler.module import BDSModule
 from scheduler.network import SetPosterior
@@ -85,6 +85,13 @@ def build_evidence(lm_cfg: DictConfig, signal: str = "none", refusal: str = DEFA
                       lm_cfg.precision, lm_cfg.hidden_cache_rows)
 
 
+def build_datamodule(cfg: DictConfig, embedder: Embedder) -> FineTuningSetsDataModule:
+    """The configured data module, embedding the rows' joint text only for the sets whose evidence reads it."""
+    evidence = SetEvidence(**evidence_config(cfg.model))
+    return hydra.utils.instantiate(cfg.data, embedder=embedder, joint_in_training=evidence.reads_joint(scoring=False),
+                                   joint_in_validation=evidence.reads_joint(scoring=True))
+
+
 def build_module(cfg: DictConfig, datamodule: FineTuningSetsDataModule) -> BDSModule:
     """The BDSModule for a training run: calibrated posterior plus, unless disabled, the co-trained LM."""
     config = scheduler_config(cfg.model, datamodule.embedder, cfg)
@@ -134,8 +141,7 @@ def train(cfg: DictConfig) -> Path:
     L.seed_everything(cfg.seed, workers=True)
     out_dir = run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    embedder = hydra.utils.instantiate(cfg.embedder)
-    datamodule = hydra.utils.instantiate(cfg.data, embedder=embedder)
+    datamodule = build_datamodule(cfg, hydra.utils.instantiate(cfg.embedder))
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
     checkpoints = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0)

@@ -37,14 +37,14 @@ from scheduler.data.io import DataError, Example, exit_on_data_error, iter_rows,
 from scheduler.data.mixing import (HARMFUL, FineTuningSet, build_training_sets, categories_of, mix, read_pool,
                                    read_tasks, resolve_path, split_by_category)
 from scheduler.embeddings import Embedder
-from scheduler.features import AlignmentBank
+from scheduler.features import AlignmentBank, SetEvidence
 from scheduler.evidence import signal_from_stats
 from scheduler.lm_stats import AlignedLMStats
 from scheduler.metrics import detection_metrics
 from scheduler.network import SetPosterior
 from scheduler.prior import SafetyPrior
-from scheduler.training import (CONFIG_DIR, calibrate_prior, calibrated_posterior, command_line_overrides, make_module,
-                                register_resolvers, scheduler_config)
+from scheduler.training import (CONFIG_DIR, calibrate_prior, calibrated_posterior, command_line_overrides, evidence_config,
+                                make_module, register_resolvers, scheduler_config)
 from scheduler.transforms import posterior_weights
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,10 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
              designs: dict[str, DictConfig], rejected: set[str] = frozenset()) -> list[dict]:
     train = build_training_sets(fold.train_tasks, fold.train_harmful, cfg.n_train_sets, cfg.set_sizes,
                                 cfg.harmful_ratios, cfg.seed)
-    train_sets = embed_sets(train, embedder)
-    evaluation = embed_sets(eval_sets(fold, cfg, cfg.seed + 1, rejected), embedder)
+    evidence = [SetEvidence(**evidence_config(design)) for design in designs.values()]
+    train_sets = embed_sets(train, embedder, joint=any(e.reads_joint(scoring=False) for e in evidence))
+    evaluation = embed_sets(eval_sets(fold, cfg, cfg.seed + 1, rejected), embedder,
+                            joint=any(e.reads_joint(scoring=True) for e in evidence))
     scorers = {}
     for name, design in designs.items():
         # Every design starts from the same random state: a design's numbers do not depend on which designs
@@ -188,7 +190,7 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
     lookup_prior = calibrate_prior(SafetyPrior(**cfg.model.prior), bank, torch.cat([s.prompts for s in train_sets]), cfg.k)
     scorers["alignment_lookup"] = lambda s: alignment_lookup(s.prompts, bank, cfg.k, lookup_prior)
     pool = [e for rows in fold.train_tasks.values() for e in rows] + fold.train_harmful
-    pool_embedded = embed_sets([FineTuningSet("pool", pool)], embedder)[0]
+    pool_embedded = embed_sets([FineTuningSet("pool", pool)], embedder, joint=False)[0]
     supervised = SupervisedFilter().fit(pool_embedded.prompts, pool_embedded.responses, pool_embedded.labels.numpy())
     scorers["supervised_filter"] = lambda s: supervised.weights(s.prompts, s.responses)
     return [{"fold": fold.name, "set": s.name, "method": method, **detection_metrics(s.labels.numpy(), score(s))}

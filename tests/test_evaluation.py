@@ -155,7 +155,7 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
     assert {r["method"] for r in results["downstream"]} == methods | {"no_finetune"}
     assert all(0 <= r["hs_refusal"] <= 1 and 0 <= r["fa"] <= 1 for r in results["downstream"])
     assert results["judge_agreement"]["refusal"]["accuracy"] == 1.0  # the two hand rows are unambiguous
-    assert results["cost"]["rows"] == 20 and results["cost"]["scalar_bds_seconds"] > 0
+    assert results["cost"]["rows"] == 20 and results["cost"]["scalar_bds_seconds"] > 0 and results["cost"]["tiny_seconds"] > 0
     assert {p.name.split("_")[0] for p in (out / "plots").iterdir()} == {"roc", "weights", "history"}
     assert "## AUROC" in (out / "evaluation.md").read_text()
     assert len((out / "answers.jsonl").read_text().splitlines()) == 4 * len(methods | {"no_finetune"})

@@ -13,7 +13,7 @@ from scheduler.features import AlignmentBank
 from scheduler.module import BDSModule
 from scheduler.network import SchedulerNetwork, SetPosterior
 from scheduler.prior import SafetyPrior
-from scheduler.training import CONFIG_DIR, build_module, register_resolvers
+from scheduler.training import CONFIG_DIR, build_datamodule, build_module, register_resolvers
 from scheduler.transforms import posterior_weights
 
 
@@ -79,6 +79,32 @@ def test_co_trained_lm_learns_to_refuse_harmful_prompts(data_dir, tiny_embedder_
         weight, _ = posterior_weights(post.mu, post.sigma, "sigmoid")
         gaps.append(weight[s.labels == 0].mean() - weight[s.labels == 1].mean())
     assert torch.stack(gaps).mean() > 0
+
+
+def test_joint_text_is_embedded_only_for_the_sets_whose_evidence_reads_it(data_dir, tiny_embedder_path, tiny_lm_path,
+                                                                           tmp_path):
+    """The default reads the joint contrast only when a set is scored: training sets carry no joint embeddings (a
+    second, longer encoder pass saved) and still train; validation sets and the alignment bank carry them. With
+    the joint contrast in the BDS objective as well, training sets carry them too; without it, nothing does."""
+    from scheduler.embeddings import Embedder
+
+    embedder = Embedder(tiny_embedder_path, show_progress=False, cache_dir=tmp_path / "cache")
+    base = train_overrides(data_dir, tmp_path, tiny_embedder_path, tiny_lm_path)
+    expected = {(): (False, True), ("model.joint_contrast_at_scoring_only=false",): (True, True),
+                ("model.joint_contrast_weight=0",): (False, False)}
+    for overrides, (in_training, in_validation) in expected.items():
+        datamodule = build_datamodule(compose_train(base + list(overrides)), embedder)
+        datamodule.setup("fit")
+        assert all((s.joint is not None) is in_training for s in datamodule.train_sets)
+        assert all((s.joint is not None) is in_validation for s in datamodule.val_sets)
+        assert (datamodule.alignment_embeddings().joint is not None) is (in_training or in_validation)
+    default = compose_train(base)
+    datamodule = build_datamodule(default, embedder)
+    datamodule.setup("fit")
+    module = build_module(default, datamodule)
+    fit(module, list(datamodule.train_dataloader()), steps=4)
+    val = datamodule.val_sets[0]
+    assert torch.isfinite(module.posterior.score(val.prompts, val.responses, val.joint).mu).all()
 
 
 def test_lower_layer_cache_gives_the_same_losses_and_gradients_and_skips_the_frozen_layers(tiny_lm_path):

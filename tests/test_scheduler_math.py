@@ -141,6 +141,11 @@ def test_joint_contrast_energy_by_hand():
     relation = relation_features(prompts, prompts, bank, 1)
     assert late.energy(prompts, prompts, relation, bank, 1, torch.tensor(0.5), joint).abs().max() == 0
     torch.testing.assert_close(late.energy(prompts, prompts, relation, bank, 1, torch.tensor(0.5), joint, scoring=True), energy)
+    # which passes read the joint embeddings, so that callers embed them only there (scoring needs scoring_weight)
+    assert evidence.reads_joint(scoring=False) and not evidence.reads_joint(scoring=True)
+    assert not late.reads_joint(scoring=False) and not late.reads_joint(scoring=True)
+    assert SetEvidence(scoring_weight=1.0, joint_contrast_weight=2.0, joint_at_scoring_only=True).reads_joint(scoring=True)
+    assert not SetEvidence(scoring_weight=1.0).reads_joint(scoring=True)
 
 
 def test_scoring_adds_the_sets_own_evidence_to_the_logit_and_training_does_not():

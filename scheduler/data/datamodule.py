@@ -48,14 +48,17 @@ class SetBatch:
     alignment: list[Example] = field(default_factory=list)
 
 
-def embed_sets(sets: Sequence[FineTuningSet], embedder: Embedder, first_row_id: int = 0) -> list[EmbeddedSet]:
-    """Embed every distinct text once and give each row of each set a unique bank id."""
+def embed_sets(sets: Sequence[FineTuningSet], embedder: Embedder, first_row_id: int = 0,
+               joint: bool = True) -> list[EmbeddedSet]:
+    """Embed every distinct text once and give each row of each set a unique bank id (`joint`: also the
+    rows' joint embeddings, else None)."""
     embedded, next_id = [], first_row_id
     for fine_tuning_set in sets:
-        prompts, responses, joint = embedder.embed_examples(fine_tuning_set.examples)
+        prompts, responses, joint_embeddings = embedder.embed_examples(fine_tuning_set.examples, joint=joint)
         n = len(fine_tuning_set)
         embedded.append(EmbeddedSet(fine_tuning_set.name, fine_tuning_set.examples, prompts, responses,
-                                    torch.arange(next_id, next_id + n), torch.tensor(fine_tuning_set.labels), joint))
+                                    torch.arange(next_id, next_id + n), torch.tensor(fine_tuning_set.labels),
+                                    joint_embeddings))
         next_id += n
     return embedded
 
@@ -91,7 +94,7 @@ class FineTuningSetsDataModule(L.LightningDataModule):
                  harmful_ratios: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5), val_harmful_ratio: float = 0.1,
                  val_set_size: int = 200, val_harmful_fraction: float = 0.2, lm_batch_size: int = 8,
                  alignment_batch_size: int = 8, seed: int = 0, exclude_files: Sequence[str | None] = (),
-                 embedder: Embedder | None = None):
+                 embedder: Embedder | None = None, joint_in_training: bool = True, joint_in_validation: bool = True):
         super().__init__()
         self.root, self.alignment_file = root, alignment_file
         self.harmful_files, self.train_tasks, self.val_tasks = list(harmful_files), list(train_tasks), list(val_tasks)
@@ -100,6 +103,8 @@ class FineTuningSetsDataModule(L.LightningDataModule):
         self.lm_batch_size, self.alignment_batch_size, self.seed = lm_batch_size, alignment_batch_size, seed
         self.exclude_files = [f for f in exclude_files if f]
         self.embedder = embedder
+        # Whether the model's evidence reads the joint embeddings of training / validation sets (`SetEvidence.reads_joint`).
+        self.joint_in_training, self.joint_in_validation = joint_in_training, joint_in_validation
         self.alignment: list[Example] = []
         self.train_sets: list[EmbeddedSet] = []
         self.val_sets: list[EmbeddedSet] = []
@@ -122,15 +127,15 @@ class FineTuningSetsDataModule(L.LightningDataModule):
         val = [mix(f"val:{task}:p={self.val_harmful_ratio}", rows, val_harmful, self.val_set_size,
                    self.val_harmful_ratio, rng) for task, rows in read_tasks(self.val_tasks, self.root).items()]
         log.info("embedding %d training and %d validation sets", len(train), len(val))
-        self.train_sets = embed_sets(train, self.embedder)
-        self.val_sets = embed_sets(val, self.embedder, first_row_id=self.n_train_rows)
+        self.train_sets = embed_sets(train, self.embedder, joint=self.joint_in_training)
+        self.val_sets = embed_sets(val, self.embedder, first_row_id=self.n_train_rows, joint=self.joint_in_validation)
 
     @property
     def n_train_rows(self) -> int:
         return sum(len(s.examples) for s in self.train_sets)
 
     def alignment_embeddings(self) -> RowEmbeddings:
-        return self.embedder.embed_examples(self.alignment)
+        return self.embedder.embed_examples(self.alignment, joint=self.joint_in_training or self.joint_in_validation)
 
     def train_dataloader(self) -> DataLoader:
         dataset = _SetDataset(self.train_sets, self.alignment, self.lm_batch_size, self.alignment_batch_size, self.seed)
