@@ -103,7 +103,8 @@ class FineTuningSetsDataModule(L.LightningDataModule):
         self.lm_batch_size, self.alignment_batch_size, self.seed = lm_batch_size, alignment_batch_size, seed
         self.exclude_files = [f for f in exclude_files if f]
         self.embedder = embedder
-        # Whether the model's evidence reads the joint embeddings of training / validation sets (`SetEvidence.reads_joint`).
+        # Whether the model's evidence reads the joint embeddings of training / validation sets
+        # (`SetEvidence.reads_joint`; `training.build_datamodule` sets both).
         self.joint_in_training, self.joint_in_validation = joint_in_training, joint_in_validation
         self.alignment: list[Example] = []
         self.train_sets: list[EmbeddedSet] = []
