@@ -68,7 +68,7 @@ class Embedder:
 
     def __init__(self, name_or_path: str = DEFAULT_EMBEDDER, max_seq_length: int = 128, batch_size: int = 64,
                  cache_dir: str | os.PathLike | None = None, show_progress: bool = True,
-                 joint_max_seq_length: int = 256):
+                 joint_max_seq_length: int = 512):
         self.name = name_or_path
         self.max_seq_length = max_seq_length
         self.joint_max_seq_length = joint_max_seq_length

@@ -149,7 +149,7 @@ def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
 
     model_cfg = OmegaConf.load(CONFIG_DIR / "model" / "default.yaml")
     assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 1.0, "scoring_weight": 1.0,
-                                          "prompt_contrast_weight": 4.0, "joint_contrast_weight": 3.0,
+                                          "prompt_contrast_weight": 4.0, "joint_contrast_weight": 4.0,
                                           "joint_at_scoring_only": True}
     for key in ("response_density_ratio_weight", "scoring_evidence_weight", "prompt_contrast_weight", "joint_contrast_weight",
                 "joint_contrast_at_scoring_only"):
