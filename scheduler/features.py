@@ -85,12 +85,15 @@ class SetEvidence:
     joint_contrast_weight: float = 0.0
     joint_at_scoring_only: bool = False
 
+    def joint_enters(self, scoring: bool) -> bool:
+        """Whether `energy` adds the joint contrast: when a set is scored (`scoring`) or in training."""
+        return bool(self.joint_contrast_weight) and (scoring or not self.joint_at_scoring_only)
+
     def reads_joint(self, scoring: bool) -> bool:
-        """Whether `energy` needs the rows' joint embeddings: when a set is scored (`scoring`) or in training.
-        They cost a second, longer encoder pass, so callers embed them only where they are read."""
-        if scoring:
-            return bool(self.scoring_weight and self.joint_contrast_weight)
-        return bool(self.joint_contrast_weight and not self.joint_at_scoring_only)
+        """Whether the rows' joint embeddings are needed: in training, or when a set is scored (which adds the
+        evidence only with a `scoring_weight`). They cost a second, longer encoder pass, so callers embed them
+        only where they are read."""
+        return self.joint_enters(scoring) and (not scoring or bool(self.scoring_weight))
 
     def energy(self, prompts: torch.Tensor, responses: torch.Tensor, relation: torch.Tensor, bank: AlignmentBank,
                k: int, spread: torch.Tensor, joint: torch.Tensor | None = None, scoring: bool = False) -> torch.Tensor:
@@ -105,7 +108,7 @@ class SetEvidence:
         if self.prompt_contrast_weight:
             outlying = beyond_upper_fence(mean_contrast(prompts, bank.prompts))
             energy = energy + self.prompt_contrast_weight * outlying / spread
-        if self.joint_contrast_weight and (scoring or not self.joint_at_scoring_only):
+        if self.joint_enters(scoring):
             if joint is None or bank.joint is None:
                 raise ValueError("joint_contrast_weight needs the rows' joint embeddings and the alignment bank's")
             contrast = mean_contrast(joint, bank.joint)
