@@ -35,9 +35,14 @@ def posterior_weights(mu: torch.Tensor, sigma: torch.Tensor, transform: str, n_s
 
     `mu` and `sigma` of shape (members, N) describe an equal mixture (an ensemble); the moments are the
     mixture's. Monte Carlo with a fixed seed, so scoring the same rows twice gives the same numbers.
+    Computed in float64 on the CPU (returned there): in float32 a sigmoid saturates to exactly 1 above a
+    logit of about 17, which the scoring shift reaches for most rows of a set, and the rows it saturates tie,
+    harmful and benign alike (AUROC 0.953 instead of 0.969 on one validation fold). Float64 keeps their order
+    up to a logit of about 36.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn((n_samples, *mu.shape), generator=generator).to(mu.device)
+    noise = torch.randn((n_samples, *mu.shape), generator=generator).double()
+    mu, sigma = mu.detach().to("cpu", torch.float64), sigma.detach().to("cpu", torch.float64)
     weights = get_transform(transform)(mu + sigma * noise).reshape(-1, mu.shape[-1])
     mean, std = weights.mean(0), weights.std(0)
     scale = mean.mean().clamp(min=1e-12)

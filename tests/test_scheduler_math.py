@@ -32,8 +32,16 @@ def test_posterior_weights_have_mean_one_and_follow_mu():
     assert weight.mean().item() == pytest.approx(1.0, abs=1e-5)
     assert weight[0] > weight[1] > weight[2]
     expected = torch.sigmoid(mu) / torch.sigmoid(mu).mean()  # sigma is small: E[sigmoid(z)] ~ sigmoid(mu)
-    torch.testing.assert_close(weight, expected, atol=0.01, rtol=0.01)
+    torch.testing.assert_close(weight, expected.double(), atol=0.01, rtol=0.01)
     assert (std > 0).all()
+
+
+def test_posterior_weights_keep_the_order_of_confident_rows():
+    # Logits a scoring shift reaches: in float32 every one of these weights would be exactly equal.
+    mu = torch.tensor([18.0, 22.0, 26.0, 30.0, 0.0])
+    weight, _ = posterior_weights(mu, torch.full_like(mu, 0.01), "sigmoid")
+    assert weight.dtype == torch.float64
+    assert weight[0] < weight[1] < weight[2] < weight[3]
 
 
 def test_topk_similarity_by_hand():
@@ -214,7 +222,7 @@ def test_ensemble_posterior_is_the_equal_mixture_of_its_members():
     member_means = [torch.sigmoid(mu[0]),  # sigma ~0: E[sigmoid(z)] = sigmoid(mu)
                     torch.sigmoid(mu[1] + sigma[1] * torch.randn(20000, 3, generator=torch.Generator().manual_seed(1))).mean(0)]
     expected = torch.stack(member_means).mean(0)
-    torch.testing.assert_close(mixture, expected / expected.mean(), atol=0.02, rtol=0.02)
+    torch.testing.assert_close(mixture, (expected / expected.mean()).double(), atol=0.02, rtol=0.02)
     moments = Posterior(mu, sigma, torch.zeros(3)).moments()
     torch.testing.assert_close(moments.mu, torch.tensor([2.0, 0.0, -2.0]))
     torch.testing.assert_close(moments.sigma, ((0.01 ** 2 + 1.0) / 2 + torch.tensor([1.0, 0.0, 1.0])).sqrt())
