@@ -22,8 +22,9 @@ def normalise(raw: np.ndarray) -> np.ndarray:
 
 
 def alignment_lookup(prompts: torch.Tensor, bank: AlignmentBank, k: int, prior: SafetyPrior) -> np.ndarray:
+    """In float64, like the scheduler's weights: in float32 the sigmoid ties the least similar prompts at exactly 1."""
     similarity = alignment_similarity(prompts, bank, k)
-    return normalise(torch.sigmoid(prior.mean(similarity)).numpy())
+    return normalise(torch.sigmoid(prior.mean(similarity).double()).numpy())
 
 
 class SupervisedFilter:

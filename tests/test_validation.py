@@ -120,6 +120,14 @@ def test_alignment_lookup_weights_follow_similarity():
     np.testing.assert_allclose(weights, expected, rtol=1e-5)
 
 
+def test_alignment_lookup_keeps_the_order_of_dissimilar_prompts():
+    bank = AlignmentBank(torch.eye(3)[:1], torch.eye(3)[:1])
+    prompts = torch.tensor([[0.0, 1.0, 0], [0.5, 0.866, 0]])
+    prior = SafetyPrior("alignment", benign_mean=20.0, slope=1.0)  # logits 20 and 19.5: both 1.0 in float32
+    weights = alignment_lookup(prompts, bank, k=1, prior=prior)
+    assert weights[0] > weights[1]
+
+
 def test_supervised_filter_separates_constructed_data():
     rng = np.random.default_rng(0)
     harmful = torch.tensor(rng.normal(1.0, 0.3, (20, 4)), dtype=torch.float32)
