@@ -29,18 +29,21 @@ class AlignmentBank:
         return AlignmentBank(self.prompts.to(device), self.responses.to(device), joint)
 
 
-def topk_mean_similarity(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool = False,
-                         chunk: int = 4096) -> torch.Tensor:
-    """Mean cosine similarity of each query to its k most similar keys (inputs are unit-norm)."""
-    out = []
+def chunked_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool = False, chunk: int = 4096):
+    """Each chunk of queries' k most similar keys by cosine (inputs are unit-norm; `exclude_self`: queries are the
+    keys, a row is not its own neighbour), as `torch.topk` results: a chunk's similarities fit in memory."""
     for start in range(0, len(queries), chunk):
         sims = queries[start:start + chunk] @ keys.T
         if exclude_self:
             rows = torch.arange(sims.shape[0], device=sims.device)
             sims[rows, rows + start] = -2.0
-        kk = max(1, min(k, keys.shape[0] - int(exclude_self)))
-        out.append(sims.topk(kk, dim=-1).values.mean(-1))
-    return torch.cat(out)
+        yield sims.topk(max(1, min(k, keys.shape[0] - int(exclude_self))), dim=-1)
+
+
+def topk_mean_similarity(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool = False,
+                         chunk: int = 4096) -> torch.Tensor:
+    """Mean cosine similarity of each query to its k most similar keys (inputs are unit-norm)."""
+    return torch.cat([top.values.mean(-1) for top in chunked_topk(queries, keys, k, exclude_self, chunk)])
 
 
 def alignment_similarity(prompts: torch.Tensor, bank: AlignmentBank, k: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import nn
 
 from scheduler.features import N_RELATION_FEATURES, AlignmentBank, SetEvidence, relation_features, set_summary
 from scheduler.prior import SafetyPrior
+from scheduler.refinement import SetRefinement
 
 
 class SchedulerNetwork(nn.Module):
@@ -136,12 +137,13 @@ class SetPosterior(nn.Module):
     """Everything needed to turn one fine-tuning set's embeddings into per-sample posteriors."""
 
     def __init__(self, network: SchedulerNetwork, prior: SafetyPrior, bank: AlignmentBank, k: int = 10,
-                 evidence: SetEvidence = SetEvidence()):
+                 evidence: SetEvidence = SetEvidence(), refinement: SetRefinement = SetRefinement()):
         super().__init__()
         self.network = network
         self.prior = prior
         self.k = k
         self.evidence = evidence
+        self.refinement = refinement
         self.register_buffer("bank_prompts", bank.prompts)
         self.register_buffer("bank_responses", bank.responses)
         self.register_buffer("bank_joint", bank.joint)  # None (not in the state dict) in checkpoints older than it
@@ -149,6 +151,11 @@ class SetPosterior(nn.Module):
     @property
     def bank(self) -> AlignmentBank:
         return AlignmentBank(self.bank_prompts, self.bank_responses, self.bank_joint)
+
+    @property
+    def reads_joint_at_scoring(self) -> bool:
+        """Whether `score_set` needs the rows' joint embeddings."""
+        return self.evidence.reads_joint(scoring=True) or self.refinement.reads_joint
 
     def relation(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """The set's `relation_features`: fixed for a set, so a caller that needs them twice computes them once."""
@@ -176,7 +183,8 @@ class SetPosterior(nn.Module):
         amortised posterior and the set's density-ratio likelihood) singles out harmful rows of unseen
         tasks, disguised requests and other sources better, at some cost in benign rows kept. The prior's
         scoring shift (a user's set is mostly benign, unless the set itself says otherwise: `SafetyPrior`)
-        is then added to every row's prior mean and logit.
+        is then added to every row's prior mean and logit, after the rows are read against each other
+        (`SetRefinement`).
         """
         return self.score_set(prompts, responses, joint).posterior
 
@@ -190,5 +198,7 @@ class SetPosterior(nn.Module):
             posterior = Posterior(posterior.mu - energy, posterior.sigma, posterior.prior_mean)
         harmful_fraction = expected_harmful_fraction(posterior)
         shift = self.prior.set_shift(harmful_fraction) if self.prior.scoring_shift else 0.0
+        correction = self.refinement.correction(posterior.mu, shift, prompts, joint)
+        posterior = Posterior(posterior.mu + correction, posterior.sigma, posterior.prior_mean)
         return ScoredSet(Posterior(posterior.mu + shift, posterior.sigma, posterior.prior_mean + shift),
                          harmful_fraction, shift)

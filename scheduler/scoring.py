@@ -19,6 +19,7 @@ from scheduler.embeddings import Embedder, RowEmbeddings
 from scheduler.features import AlignmentBank, SetEvidence
 from scheduler.network import SetPosterior, build_network
 from scheduler.prior import SafetyPrior, check_taper
+from scheduler.refinement import SetRefinement
 from scheduler.transforms import posterior_weights
 
 CHECKPOINT_KEY = "scheduler"
@@ -45,8 +46,9 @@ def build_posterior(config: dict[str, Any], bank: AlignmentBank) -> SetPosterior
     """The SetPosterior described by a checkpoint's `scheduler` entry (also used at training time)."""
     network = build_network(config["embed_dim"], **config["network"])
     prior = SafetyPrior(**config["prior"])
-    # checkpoints written before the set's evidence was stored score with the network alone
-    return SetPosterior(network, prior, bank, k=config["k"], evidence=SetEvidence(**config.get("evidence", {})))
+    # checkpoints written before the set's evidence (or the refinement) was stored score without it
+    return SetPosterior(network, prior, bank, k=config["k"], evidence=SetEvidence(**config.get("evidence", {})),
+                        refinement=SetRefinement(**config.get("refinement", {})))
 
 
 def checked_taper(taper: Any) -> list[float]:
@@ -112,7 +114,7 @@ class NeuralScheduler:
     @property
     def needs_joint(self) -> bool:
         """Whether scoring reads the joint embeddings (checkpoints older than them, or designs without, do not)."""
-        return self.posterior.evidence.reads_joint(scoring=True)
+        return self.posterior.reads_joint_at_scoring
 
     def embed(self, examples: Sequence[Example], use_cache: bool = True) -> RowEmbeddings:
         return self.embedder.embed_examples(examples, use_cache, joint=self.needs_joint)

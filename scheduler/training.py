@@ -21,6 +21,7 @@ from scheduler.lm import DEFAULT_REFUSAL, load_lm
 from scheduler.module import BDSModule
 from scheduler.network import SetPosterior
 from scheduler.prior import SafetyPrior
+from scheduler.refinement import SetRefinement
 from scheduler.scoring import build_posterior
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def scheduler_config(model_cfg: DictConfig, embedder: Embedder, full_cfg: DictCo
             "embedder_joint_max_seq_length": embedder.joint_max_seq_length, "embed_dim": embedder.dim,
             "k": model_cfg.k, "network": OmegaConf.to_container(model_cfg.network),
             "prior": OmegaConf.to_container(model_cfg.prior), "evidence": evidence_config(model_cfg),
-            "signal": model_cfg.signal,
+            "refinement": refinement_config(model_cfg), "signal": model_cfg.signal,
             "transform": model_cfg.transform, "family": "gaussian-logit",
             "config": OmegaConf.to_container(full_cfg, resolve=True) if full_cfg is not None else None}
 
@@ -54,6 +55,17 @@ def evidence_config(model_cfg: DictConfig) -> dict[str, float]:
             "prompt_contrast_weight": model_cfg.get("prompt_contrast_weight", 0.0),
             "joint_contrast_weight": model_cfg.get("joint_contrast_weight", 0.0),
             "joint_at_scoring_only": bool(model_cfg.get("joint_contrast_at_scoring_only", False))}
+
+
+def refinement_config(model_cfg: DictConfig) -> dict[str, Any]:
+    """The `SetRefinement` of a model config (absent from configs older than it: off)."""
+    return OmegaConf.to_container(model_cfg.refinement) if model_cfg.get("refinement") else {}
+
+
+def reads_joint_at_scoring(model_cfg: DictConfig) -> bool:
+    """Whether a scored set needs its rows' joint embeddings (a second, longer encoder pass)."""
+    return (SetEvidence(**evidence_config(model_cfg)).reads_joint(scoring=True)
+            or SetRefinement(**refinement_config(model_cfg)).reads_joint)
 
 
 def calibrate_prior(prior: SafetyPrior, bank: AlignmentBank, training_prompts: torch.Tensor, k: int) -> SafetyPrior:
@@ -89,7 +101,7 @@ def build_datamodule(cfg: DictConfig, embedder: Embedder) -> FineTuningSetsDataM
     """The configured data module, embedding the rows' joint text only for the sets whose evidence reads it."""
     evidence = SetEvidence(**evidence_config(cfg.model))
     return hydra.utils.instantiate(cfg.data, embedder=embedder, joint_in_training=evidence.reads_joint(scoring=False),
-                                   joint_in_validation=evidence.reads_joint(scoring=True))
+                                   joint_in_validation=reads_joint_at_scoring(cfg.model))
 
 
 def build_module(cfg: DictConfig, datamodule: FineTuningSetsDataModule) -> BDSModule:

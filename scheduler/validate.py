@@ -44,7 +44,7 @@ from scheduler.metrics import detection_metrics
 from scheduler.network import SetPosterior
 from scheduler.prior import SafetyPrior
 from scheduler.training import (CONFIG_DIR, calibrate_prior, calibrated_posterior, command_line_overrides, evidence_config,
-                                make_module, register_resolvers, scheduler_config)
+                                make_module, reads_joint_at_scoring, register_resolvers, scheduler_config)
 from scheduler.transforms import posterior_weights
 
 log = logging.getLogger(__name__)
@@ -154,11 +154,11 @@ def score_design(posterior, transform: str, s: EmbeddedSet) -> np.ndarray:
 
 
 def at_shift(posterior: SetPosterior, shift: float) -> SetPosterior:
-    """The same trained network, bank and evidence scored at another operating point (the prior's `scoring_shift`);
-    only the prior is copied."""
+    """The same trained network, bank, evidence and refinement scored at another operating point (the prior's
+    `scoring_shift`); only the prior is copied."""
     prior = copy.deepcopy(posterior.prior)
     prior.scoring_shift = shift
-    return SetPosterior(posterior.network, prior, posterior.bank, posterior.k, posterior.evidence)
+    return SetPosterior(posterior.network, prior, posterior.bank, posterior.k, posterior.evidence, posterior.refinement)
 
 
 def operating_point_names(cfg: DictConfig, designs: dict[str, DictConfig]) -> dict[str, float]:
@@ -173,10 +173,10 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
              designs: dict[str, DictConfig], rejected: set[str] = frozenset()) -> list[dict]:
     train = build_training_sets(fold.train_tasks, fold.train_harmful, cfg.n_train_sets, cfg.set_sizes,
                                 cfg.harmful_ratios, cfg.seed)
-    evidence = [SetEvidence(**evidence_config(design)) for design in designs.values()]
-    train_sets = embed_sets(train, embedder, joint=any(e.reads_joint(scoring=False) for e in evidence))
+    train_sets = embed_sets(train, embedder, joint=any(SetEvidence(**evidence_config(design)).reads_joint(scoring=False)
+                                                       for design in designs.values()))
     evaluation = embed_sets(eval_sets(fold, cfg, cfg.seed + 1, rejected), embedder,
-                            joint=any(e.reads_joint(scoring=True) for e in evidence))
+                            joint=any(reads_joint_at_scoring(design) for design in designs.values()))
     scorers = {}
     for name, design in designs.items():
         # Every design starts from the same random state: a design's numbers do not depend on which designs

@@ -12,6 +12,7 @@ from conftest import train_overrides
 from omegaconf import OmegaConf
 
 from scheduler import NeuralScheduler
+from scheduler.refinement import SetRefinement
 from scheduler.training import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,20 +74,31 @@ def test_checkpoint_loads_in_python_and_scores_any_schema(trained):
     np.testing.assert_allclose(result.weight, again.weight)
 
 
+def without_refinement(scheduler: NeuralScheduler) -> NeuralScheduler:
+    """The loaded scheduler without its second look at the set, whose harmful component reads the shifted logits."""
+    scheduler.posterior.refinement = SetRefinement()
+    return scheduler
+
+
 def test_scoring_shift_of_the_checkpoint_can_be_overridden_at_scoring(trained, data_dir, tmp_path):
     """The trained default carries the configured scoring_shift, tapered by the set's expected harmful fraction:
-    every logit of the set moves by the same amount, the one the taper gives; `scoring_shift=0` (in Python or in
-    apply_scheduler) scores without it, and `scoring_shift_taper` moves the taper's ends."""
+    every logit of the set moves by the same amount, the one the taper gives (before the refinement, which the
+    checkpoint carries too); `scoring_shift=0` (in Python or in apply_scheduler) scores without it, and
+    `scoring_shift_taper` moves the taper's ends."""
     from scheduler.apply import apply_scheduler
 
     checkpoint = trained / "scheduler.ckpt"
     rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
+    configured = OmegaConf.load(CONFIG_DIR / "model" / "default.yaml")
     scheduler = NeuralScheduler.load(checkpoint)
-    default, unshifted = scheduler.score(rows), NeuralScheduler.load(checkpoint, scoring_shift=0).score(rows)
+    assert scheduler.posterior.refinement == SetRefinement(**configured.refinement) != SetRefinement()
+    refined_unshifted = NeuralScheduler.load(checkpoint, scoring_shift=0).score(rows)
+    default = without_refinement(scheduler).score(rows)
+    unshifted = without_refinement(NeuralScheduler.load(checkpoint, scoring_shift=0)).score(rows)
     harmful_fraction = float(np.mean(1 / (1 + np.exp(unshifted.mu))))
-    configured = OmegaConf.load(CONFIG_DIR / "model" / "default.yaml").prior.scoring_shift
-    assert scheduler.config["prior"]["scoring_shift"] == configured > 0
-    expected = configured * min(max((0.4 - harmful_fraction) / 0.2, 0.0), 1.0)
+    shift = configured.prior.scoring_shift
+    assert scheduler.config["prior"]["scoring_shift"] == shift > 0
+    expected = shift * min(max((0.4 - harmful_fraction) / 0.2, 0.0), 1.0)
     np.testing.assert_allclose(default.mu - unshifted.mu, expected, rtol=0, atol=1e-4)
     assert (default.scoring_shift, unshifted.scoring_shift) == (pytest.approx(expected), 0.0)
     assert default.expected_harmful_fraction == pytest.approx(harmful_fraction, abs=1e-6)  # reported for the set
@@ -94,11 +106,11 @@ def test_scoring_shift_of_the_checkpoint_can_be_overridden_at_scoring(trained, d
                               scoring_shift=0)
     assert f"expected harmful fraction of the set: {harmful_fraction:.3f} (scoring shift applied: 0.00)" in str(summary)
     written = [json.loads(line)["posterior_mu"] for line in (tmp_path / "unshifted.jsonl").read_text().splitlines()]
-    np.testing.assert_allclose(written, unshifted.mu, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(written, refined_unshifted.mu, rtol=0, atol=1e-5)
     # The taper too: ends below the set's expected harmful fraction take the whole shift away, ends above it none
     low, high = harmful_fraction / 4, harmful_fraction / 2
-    untapered = NeuralScheduler.load(checkpoint, scoring_shift_taper=[harmful_fraction + 0.01, 1.0]).score(rows)
-    np.testing.assert_allclose(untapered.mu - unshifted.mu, configured, rtol=0, atol=1e-4)
+    untapered = without_refinement(NeuralScheduler.load(checkpoint, scoring_shift_taper=[harmful_fraction + 0.01, 1.0]))
+    np.testing.assert_allclose(untapered.score(rows).mu - unshifted.mu, shift, rtol=0, atol=1e-4)
     summary = apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "tapered.jsonl", histogram=False,
                               scoring_shift_taper=[low, high])
     assert "(scoring shift applied: 0.00)" in str(summary)

@@ -85,13 +85,15 @@ def test_joint_text_is_embedded_only_for_the_sets_whose_evidence_reads_it(data_d
                                                                            tmp_path):
     """The default reads the joint contrast only when a set is scored: training sets carry no joint embeddings (a
     second, longer encoder pass saved) and still train; validation sets and the alignment bank carry them. With
-    the joint contrast in the BDS objective as well, training sets carry them too; without it, nothing does."""
+    the joint contrast in the BDS objective as well, training sets carry them too; without it, scored sets still
+    carry them for the refinement's harmful component; without both, nothing does."""
     from scheduler.embeddings import Embedder
 
     embedder = Embedder(tiny_embedder_path, show_progress=False, cache_dir=tmp_path / "cache")
     base = train_overrides(data_dir, tmp_path, tiny_embedder_path, tiny_lm_path)
     expected = {(): (False, True), ("model.joint_contrast_at_scoring_only=false",): (True, True),
-                ("model.joint_contrast_weight=0",): (False, False)}
+                ("model.joint_contrast_weight=0",): (False, True),
+                ("model.joint_contrast_weight=0", "model.refinement.component_weight=0"): (False, False)}
     for overrides, (in_training, in_validation) in expected.items():
         datamodule = build_datamodule(compose_train(base + list(overrides)), embedder)
         datamodule.setup("fit")
@@ -139,28 +141,31 @@ def test_lower_layer_cache_gives_the_same_losses_and_gradients_and_skips_the_fro
 
 def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
     """A model config written before the answer's density ratio, the scoring evidence or the prompt's mean
-    contrast lacks their keys; a checkpoint's scheduler entry written before the set's evidence was stored
-    lacks `evidence`."""
+    contrast lacks their keys; a checkpoint's scheduler entry written before the set's evidence (or the
+    refinement) was stored lacks `evidence` (`refinement`)."""
     from omegaconf import OmegaConf
 
     from scheduler.features import SetEvidence
+    from scheduler.refinement import SetRefinement
     from scheduler.scoring import build_posterior
-    from scheduler.training import evidence_config
+    from scheduler.training import evidence_config, refinement_config
 
     model_cfg = OmegaConf.load(CONFIG_DIR / "model" / "default.yaml")
     assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 1.0, "scoring_weight": 1.0,
                                           "prompt_contrast_weight": 4.0, "joint_contrast_weight": 4.0,
                                           "joint_at_scoring_only": True}
+    assert refinement_config(model_cfg) == {"neighbour_k": 10, "neighbour_weight": 0.4, "component_weight": 20.0}
     for key in ("response_density_ratio_weight", "scoring_evidence_weight", "prompt_contrast_weight", "joint_contrast_weight",
-                "joint_contrast_at_scoring_only"):
+                "joint_contrast_at_scoring_only", "refinement"):
         del model_cfg[key]
     assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 0.0, "scoring_weight": 0.0,
                                           "prompt_contrast_weight": 0.0, "joint_contrast_weight": 0.0,
                                           "joint_at_scoring_only": False}
+    assert refinement_config(model_cfg) == {}
     bank = AlignmentBank(torch.eye(4)[:2], torch.eye(4)[2:])
     old_entry = {"embed_dim": 4, "network": {"hidden": 8}, "prior": {"kind": "alignment"}, "k": 1}
     old = build_posterior(old_entry, bank)
-    assert old.evidence == SetEvidence()
+    assert old.evidence == SetEvidence() and old.refinement == SetRefinement()
     assert old.prior.scoring_shift == 0.0  # written before the scoring shift
     # written before the joint embedding: no bank_joint in the state; it loads and scores without one
     assert "bank_joint" not in old.state_dict()

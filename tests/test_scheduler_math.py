@@ -10,6 +10,7 @@ from scheduler.features import (AlignmentBank, SetEvidence, beyond_upper_fence, 
 from scheduler.module import BDSModule, standardise_known
 from scheduler.network import NetworkEnsemble, Posterior, SchedulerNetwork, SetPosterior
 from scheduler.prior import SafetyPrior
+from scheduler.refinement import SetRefinement, component_projection, neighbour_support
 from scheduler.transforms import get_transform, posterior_weights
 
 
@@ -268,3 +269,37 @@ def test_ensemble_members_learn_independently():
     torch.nn.init.normal_(ensemble.members[1].head.weight, std=1.0)  # change the other member only
     assert not torch.allclose(with_other, torch.zeros_like(with_other))
     torch.testing.assert_close(head_gradient(ensemble, ensemble.members[0]), with_other, atol=1e-3, rtol=1e-2)
+
+
+def test_neighbour_support_only_raises_a_row_toward_safer_neighbours():
+    """By hand, k = 1: rows 0 and 1 are each other's nearest prompt, rows 2 and 3 likewise. The lower of each
+    pair gains the gap to the higher one; the higher one keeps its logit."""
+    prompts = unit([[1, 0.1, 0], [1, 0, 0], [0, 1, 0.1], [0, 1, 0]])
+    logit = torch.tensor([-6.0, 2.0, 5.0, -1.0])
+    torch.testing.assert_close(neighbour_support(logit, prompts, k=1), torch.tensor([8.0, 0.0, 0.0, 6.0]))
+    assert torch.equal(neighbour_support(logit[:1], prompts[:1], k=10), torch.zeros(1))  # no other row
+
+
+def test_component_projection_by_hand():
+    """Rows 0-1 certainly harmful, rows 2-4 certainly benign: centroids (1, 0) and (0, 1), direction (1, -1);
+    projections 1, 1, -1, -1, -1, centred on their median -1."""
+    joint = unit([[1, 0], [1, 0], [0, 1], [0, 1], [0, 1]])
+    harmful = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(component_projection(harmful, joint), torch.tensor([2.0, 2.0, 0.0, 0.0, 0.0]))
+
+
+def test_refinement_reads_the_set_after_the_shift_and_is_off_by_default():
+    """The correction is the neighbour support minus the harmful component, added to every ensemble member; the
+    shift decides how sure the first pass is of harm; a SetPosterior without a refinement scores as before."""
+    prompts = unit([[1, 0.1, 0], [1, 0, 0], [0, 1, 0.1], [0, 1, 0], [0, 0, 1]])
+    joint = unit([[1, 0], [1, 0], [0, 1], [0, 1], [0, 1]])
+    mu = torch.tensor([[-40.0, -30.0, 30.0, 40.0, 50.0]] * 2)  # two members, certain rows
+    refinement = SetRefinement(neighbour_k=1, neighbour_weight=0.5, component_weight=2.0)
+    # Row 4's nearest prompt is row 2, less safe than it: no support.
+    expected = 0.5 * torch.tensor([10.0, 0.0, 10.0, 0.0, 0.0]) - 2.0 * torch.tensor([2.0, 2.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(refinement.correction(mu, 0.0, prompts, joint), expected)
+    assert not SetRefinement().correction(mu, 0.0, prompts, joint).any()
+    with pytest.raises(ValueError, match="joint"):
+        refinement.correction(mu, 0.0, prompts)
+    # With a shift of 100 no row is likely harmful: the benign centroid takes in rows 0-1 and the direction shrinks.
+    assert not torch.allclose(refinement.correction(mu, 100.0, prompts, joint), expected)

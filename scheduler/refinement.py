@@ -1,0 +1,71 @@
+"""A second look at a scored set as a whole: rows that read alike share their safety attribute.
+
+The first pass (the network, the set's own evidence and the scoring shift: `SetPosterior.score_set`) judges
+each row against the alignment set. Two label-free corrections then read the rows against each other:
+
+- *neighbour support*: a row's logit rises toward the mean logit of the rows with the k most similar prompts
+  in its set, when they are safer than it (never the other way). A benign question on a sensitive topic sits
+  among its task's rows; a harmful row of a contaminated set sits among the other harmful rows, whose
+  logits are as low as its own, so it gains little.
+- *the set's harmful component*: the first pass's probabilities of harm weight two centroids of the rows'
+  joint (prompt with answer) embeddings, one harmful and one benign; a row's projection on the direction
+  between them, centred on the set's median, counts against it. This is one EM step of a two-component
+  model of the set: the harmful rows a user hid in a set resemble each other more than any alignment row.
+
+Validation chose both (docs/validation.md, "A second look at the set"): on held-out tasks and categories they
+single out disguised requests and harmful rows from other sources better, and keep more benign rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scheduler.features import chunked_topk
+
+
+@dataclass(frozen=True)
+class SetRefinement:
+    """Weights of the two corrections (0 = off); `neighbour_weight` is a fraction of the gap to the neighbours,
+    `component_weight` is logit per unit of cosine similarity."""
+
+    neighbour_k: int = 10
+    neighbour_weight: float = 0.0
+    component_weight: float = 0.0
+
+    @property
+    def reads_joint(self) -> bool:
+        return bool(self.component_weight)
+
+    def correction(self, mu: torch.Tensor, shift: float, prompts: torch.Tensor,
+                   joint: torch.Tensor | None = None) -> torch.Tensor:
+        """What to add to every member's unshifted logit `mu` ((N,) or (members, N)); `shift` is the set's
+        scoring shift, which decides how sure the first pass is that a row is harmful."""
+        logit = mu.mean(0) if mu.dim() == 2 else mu
+        correction = torch.zeros_like(logit)
+        if self.neighbour_weight:
+            correction = correction + self.neighbour_weight * neighbour_support(logit, prompts, self.neighbour_k)
+        if self.component_weight:
+            if joint is None:
+                raise ValueError("component_weight needs the rows' joint embeddings")
+            harmful = torch.sigmoid(-(logit + shift))
+            correction = correction - self.component_weight * component_projection(harmful, joint)
+        return correction
+
+
+def neighbour_support(logit: torch.Tensor, prompts: torch.Tensor, k: int) -> torch.Tensor:
+    """How far the mean logit of each row's k most similar prompts (unit-norm, same set) lies above its own; 0 if below."""
+    if len(prompts) < 2:
+        return torch.zeros_like(logit)
+    neighbours = torch.cat([top.indices for top in chunked_topk(prompts, prompts, k, exclude_self=True)])
+    return torch.relu(logit[neighbours].mean(-1) - logit)
+
+
+def component_projection(harmful: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
+    """Each row's projection on the direction from the set's benign centroid to its harmful one (rows weighted
+    by their probability of harm `harmful`, and of none), centred on the set's median."""
+    harmful_centroid = (harmful[:, None] * joint).sum(0) / harmful.sum().clamp(min=1e-9)
+    benign_centroid = ((1 - harmful)[:, None] * joint).sum(0) / (1 - harmful).sum().clamp(min=1e-9)
+    projection = joint @ (harmful_centroid - benign_centroid)
+    return projection - projection.median()
