@@ -198,7 +198,7 @@ class SetPosterior(nn.Module):
             posterior = Posterior(posterior.mu - energy, posterior.sigma, posterior.prior_mean)
         harmful_fraction = expected_harmful_fraction(posterior)
         shift = self.prior.set_shift(harmful_fraction) if self.prior.scoring_shift else 0.0
-        correction = self.refinement.correction(posterior.mu, shift, prompts, joint)
+        correction = self.refinement.correction(posterior.moments().mu, shift, prompts, joint)
         posterior = Posterior(posterior.mu + correction, posterior.sigma, posterior.prior_mean)
         return ScoredSet(Posterior(posterior.mu + shift, posterior.sigma, posterior.prior_mean + shift),
                          harmful_fraction, shift)

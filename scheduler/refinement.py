@@ -38,11 +38,11 @@ class SetRefinement:
     def reads_joint(self) -> bool:
         return bool(self.component_weight)
 
-    def correction(self, mu: torch.Tensor, shift: float, prompts: torch.Tensor,
+    def correction(self, logit: torch.Tensor, shift: float, prompts: torch.Tensor,
                    joint: torch.Tensor | None = None) -> torch.Tensor:
-        """What to add to every member's unshifted logit `mu` ((N,) or (members, N)); `shift` is the set's
-        scoring shift, which decides how sure the first pass is that a row is harmful."""
-        logit = mu.mean(0) if mu.dim() == 2 else mu
+        """What to add to every member's unshifted logit, given the rows' unshifted posterior mean `logit` (N,)
+        (an ensemble's mixture mean, `Posterior.moments`); `shift` is the set's scoring shift, which decides how
+        sure the first pass is that a row is harmful."""
         correction = torch.zeros_like(logit)
         if self.neighbour_weight:
             correction = correction + self.neighbour_weight * neighbour_support(logit, prompts, self.neighbour_k)

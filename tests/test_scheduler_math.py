@@ -289,11 +289,12 @@ def test_component_projection_by_hand():
 
 
 def test_refinement_reads_the_set_after_the_shift_and_is_off_by_default():
-    """The correction is the neighbour support minus the harmful component, added to every ensemble member; the
-    shift decides how sure the first pass is of harm; a SetPosterior without a refinement scores as before."""
+    """The correction is the neighbour support minus the harmful component of an ensemble's mixture mean (two
+    members, certain rows); the shift decides how sure the first pass is of harm; a refinement with no weights
+    corrects nothing."""
     prompts = unit([[1, 0.1, 0], [1, 0, 0], [0, 1, 0.1], [0, 1, 0], [0, 0, 1]])
     joint = unit([[1, 0], [1, 0], [0, 1], [0, 1], [0, 1]])
-    mu = torch.tensor([[-40.0, -30.0, 30.0, 40.0, 50.0]] * 2)  # two members, certain rows
+    mu = Posterior(torch.tensor([[-40.0, -30.0, 30.0, 40.0, 50.0]] * 2), torch.ones(2, 5), torch.zeros(5)).moments().mu
     refinement = SetRefinement(neighbour_k=1, neighbour_weight=0.5, component_weight=2.0)
     # Row 4's nearest prompt is row 2, less safe than it: no support.
     expected = 0.5 * torch.tensor([10.0, 0.0, 10.0, 0.0, 0.0]) - 2.0 * torch.tensor([2.0, 2.0, 0.0, 0.0, 0.0])
