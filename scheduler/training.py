@@ -62,6 +62,11 @@ def refinement_config(model_cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(model_cfg.refinement) if model_cfg.get("refinement") else {}
 
 
+def reads_joint_in_training(model_cfg: DictConfig) -> bool:
+    """Whether a training set needs its rows' joint embeddings (only for the joint contrast in the BDS objective)."""
+    return SetEvidence(**evidence_config(model_cfg)).reads_joint(scoring=False)
+
+
 def reads_joint_at_scoring(model_cfg: DictConfig) -> bool:
     """Whether a scored set needs its rows' joint embeddings (a second, longer encoder pass)."""
     return (SetEvidence(**evidence_config(model_cfg)).reads_joint(scoring=True)
@@ -99,8 +104,7 @@ def build_evidence(lm_cfg: DictConfig, signal: str = "none", refusal: str = DEFA
 
 def build_datamodule(cfg: DictConfig, embedder: Embedder) -> FineTuningSetsDataModule:
     """The configured data module, embedding the rows' joint text only for the sets whose evidence reads it."""
-    evidence = SetEvidence(**evidence_config(cfg.model))
-    return hydra.utils.instantiate(cfg.data, embedder=embedder, joint_in_training=evidence.reads_joint(scoring=False),
+    return hydra.utils.instantiate(cfg.data, embedder=embedder, joint_in_training=reads_joint_in_training(cfg.model),
                                    joint_in_validation=reads_joint_at_scoring(cfg.model))
 
 

@@ -37,14 +37,14 @@ from scheduler.data.io import DataError, Example, exit_on_data_error, iter_rows,
 from scheduler.data.mixing import (HARMFUL, FineTuningSet, build_training_sets, categories_of, mix, read_pool,
                                    read_tasks, resolve_path, split_by_category)
 from scheduler.embeddings import Embedder
-from scheduler.features import AlignmentBank, SetEvidence
+from scheduler.features import AlignmentBank
 from scheduler.evidence import signal_from_stats
 from scheduler.lm_stats import AlignedLMStats
 from scheduler.metrics import detection_metrics
 from scheduler.network import SetPosterior
 from scheduler.prior import SafetyPrior
-from scheduler.training import (CONFIG_DIR, calibrate_prior, calibrated_posterior, command_line_overrides, evidence_config,
-                                make_module, reads_joint_at_scoring, register_resolvers, scheduler_config)
+from scheduler.training import (CONFIG_DIR, calibrate_prior, calibrated_posterior, command_line_overrides, make_module,
+                                reads_joint_at_scoring, reads_joint_in_training, register_resolvers, scheduler_config)
 from scheduler.transforms import posterior_weights
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,7 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
              designs: dict[str, DictConfig], rejected: set[str] = frozenset()) -> list[dict]:
     train = build_training_sets(fold.train_tasks, fold.train_harmful, cfg.n_train_sets, cfg.set_sizes,
                                 cfg.harmful_ratios, cfg.seed)
-    train_sets = embed_sets(train, embedder, joint=any(SetEvidence(**evidence_config(design)).reads_joint(scoring=False)
-                                                       for design in designs.values()))
+    train_sets = embed_sets(train, embedder, joint=any(reads_joint_in_training(design) for design in designs.values()))
     evaluation = embed_sets(eval_sets(fold, cfg, cfg.seed + 1, rejected), embedder,
                             joint=any(reads_joint_at_scoring(design) for design in designs.values()))
     scorers = {}
