@@ -242,6 +242,25 @@ def per_fold_table(results: list[dict], methods: list[str], set_name: str = "p=0
     return "\n".join(lines)
 
 
+def ratio_sets(results: list[dict]) -> list[str]:
+    """The `p=` sets of a run, by harmful ratio."""
+    return sorted({r["set"] for r in results if re.fullmatch(r"p=[0-9.]+", r["set"])}, key=lambda name: float(name[2:]))
+
+
+def per_ratio_table(results: list[dict], methods: list[str]) -> str:
+    """Per harmful ratio and method: AUROC mean / worst fold, the mean harmful share of weight, and the benign rows
+    kept (weight >= 0.5) on the worst fold: how a design holds up as contamination grows or vanishes."""
+    lines = ["| set | method | AUROC mean | AUROC worst | harmful share | benign kept, worst |", "|---|---|---|---|---|---|"]
+    cell = lambda values, agg: f"{agg(values):.4f}" if values and not np.isnan(values).all() else "-"
+    for set_name in ratio_sets(results):
+        for method in methods:
+            rows = [r for r in results if r["set"] == set_name and r["method"] == method]
+            column = lambda key: [r[key] for r in rows]
+            lines.append(f"| {set_name} | {method} | {cell(column('auroc'), np.mean)} | {cell(column('auroc'), np.min)} | "
+                         f"{cell(column('harmful_weight_share'), np.mean)} | {cell(column('benign_kept'), np.min)} |")
+    return "\n".join(lines)
+
+
 def plot_operating_points(table: list[dict], cfg: DictConfig, shifts: dict[str, float], chosen: float,
                           path: Path) -> Path:
     """`shifts`: the extra operating points' methods; `chosen`: the design's own shift."""
@@ -281,7 +300,8 @@ def validate(cfg: DictConfig) -> list[dict]:
     write_rows(results, out / "validation_results.jsonl")
     report = (f"# Validation ({cfg.preset})\n\nCommand: `python -m scheduler.validate {command_line_overrides()}`"
               f"\n\nWall time: {time.time() - start:.0f} s\n\n## Summary (sorted by worst-fold AUROC at p = 0.1)\n\n"
-              f"{markdown(table)}\n\n## AUROC at p = 0.1 per fold\n\n{per_fold_table(results, methods)}\n")
+              f"{markdown(table)}\n\n## Per harmful ratio\n\n{per_ratio_table(results, methods)}\n"
+              f"\n## AUROC at p = 0.1 per fold\n\n{per_fold_table(results, methods)}\n")
     for extra in EXTRA_SETS:
         if any(r["set"] == extra for r in results):
             report += f"\n## AUROC per fold, {extra} set (p = 0.1)\n\n{per_fold_table(results, methods, extra)}\n"

@@ -111,6 +111,22 @@ def test_detection_metrics_by_hand():
     assert np.isnan(detection_metrics(np.zeros(3), np.ones(3))["auroc"])
 
 
+def test_per_ratio_table_by_hand():
+    """Each `p=` set in order of its ratio (not as text), mean and worst fold per method; other sets left out."""
+    from scheduler.validate import per_ratio_table
+
+    nan = float("nan")
+    row = lambda fold, set_name, auroc, share, kept: {"fold": fold, "set": set_name, "method": "m", "auroc": auroc,
+                                                      "harmful_weight_share": share, "benign_kept": kept}
+    results = [row("a", "p=0.1", 0.9, 0.1, 0.95), row("b", "p=0.1", 0.7, 0.3, 0.85),
+               row("a", "p=0.0", nan, nan, 1.0), row("b", "p=0.0", nan, nan, 0.9),
+               row("a", "p=0.02", 0.5, 0.02, 1.0), row("a", "p=0.1 audited", 0.1, 0.9, 0.1)]
+    assert per_ratio_table(results, ["m"]).splitlines()[2:] == [
+        "| p=0.0 | m | - | - | - | 0.9000 |",
+        "| p=0.02 | m | 0.5000 | 0.5000 | 0.0200 | 1.0000 |",
+        "| p=0.1 | m | 0.8000 | 0.7000 | 0.2000 | 0.8500 |"]
+
+
 def test_alignment_lookup_weights_follow_similarity():
     bank = AlignmentBank(torch.eye(3)[:1], torch.eye(3)[:1])
     prompts = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0.6, 0.8, 0]])
@@ -209,7 +225,9 @@ def test_validation_command_end_to_end_and_each_design_reproduces_alone(data_dir
     assert {row["method"] for row in table} == {"prior_only", "default", "default@shift=0", "default@shift=9",
                                                 "alignment_lookup", "supervised_filter"}
     assert len(results) == 4 * 6 * 6  # folds x methods x sets (4 ratios, length-balanced, disguised)
-    assert (tmp_path / "both" / "validation.md").read_text().count("| task:") >= 3
+    report = (tmp_path / "both" / "validation.md").read_text()
+    assert report.count("| task:") >= 3
+    assert "| p=0.05 | default |" in report and "| p=0.3 | supervised_filter |" in report
     assert (tmp_path / "both" / "operating_points.png").stat().st_size > 0
     kept = {(r["fold"], r["set"], r["method"]): r["benign_kept"] for r in results}
     for fold, set_name, method in kept:  # the same network: a higher scoring shift never keeps fewer rows
