@@ -11,6 +11,9 @@ each row against the alignment set. Two label-free corrections then read the row
   joint (prompt with answer) embeddings, one harmful and one benign; a row's projection on the direction
   between them, centred on the set's median, counts against it. This is one EM step of a two-component
   model of the set: the harmful rows a user hid in a set resemble each other more than any alignment row.
+  A set whose rows carry less harm than `component_min_mass` rows' worth gets a proportionally weaker
+  component: in a clean set the harmful centroid is made of a few sensitive benign rows, and the rows like
+  them would be pushed down for nothing.
 
 Validation chose both (docs/validation.md, "A second look at the set"): on held-out tasks and categories they
 single out disguised requests and harmful rows from other sources better, and keep more benign rows.
@@ -28,11 +31,13 @@ from scheduler.features import chunked_topk
 @dataclass(frozen=True)
 class SetRefinement:
     """Weights of the two corrections (0 = off); `neighbour_weight` is a fraction of the gap to the neighbours,
-    `component_weight` is logit per unit of cosine similarity."""
+    `component_weight` is logit per unit of cosine similarity, at full strength once the first pass's
+    probabilities of harm sum to `component_min_mass` rows (0 = always full)."""
 
     neighbour_k: int = 10
     neighbour_weight: float = 0.0
     component_weight: float = 0.0
+    component_min_mass: float = 0.0
 
     @property
     def reads_joint(self) -> bool:
@@ -50,8 +55,15 @@ class SetRefinement:
             if joint is None:
                 raise ValueError("component_weight needs the rows' joint embeddings")
             harmful = torch.sigmoid(-(logit + shift))
-            correction = correction - self.component_weight * component_projection(harmful, joint)
+            correction = correction - self.component_strength(harmful) * component_projection(harmful, joint)
         return correction
+
+    def component_strength(self, harmful: torch.Tensor) -> float:
+        """`component_weight`, scaled down in proportion when the rows' probabilities of harm `harmful` sum to
+        fewer than `component_min_mass` rows."""
+        if not self.component_min_mass:
+            return self.component_weight
+        return self.component_weight * min(1.0, float(harmful.sum()) / self.component_min_mass)
 
 
 def neighbour_support(logit: torch.Tensor, prompts: torch.Tensor, k: int) -> torch.Tensor:

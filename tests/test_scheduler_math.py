@@ -288,6 +288,18 @@ def test_component_projection_by_hand():
     torch.testing.assert_close(component_projection(harmful, joint), torch.tensor([2.0, 2.0, 0.0, 0.0, 0.0]))
 
 
+def test_component_weakens_in_proportion_below_its_minimum_mass():
+    """Two rows certainly harmful (mass 2): with a minimum mass of 4 the component acts at half strength, with 2
+    or less (or none set) at full strength."""
+    joint = unit([[1, 0], [1, 0], [0, 1], [0, 1], [0, 1]])
+    prompts = unit([[1, 0, 0]] * 5)
+    logit = torch.tensor([-40.0, -30.0, 30.0, 40.0, 50.0])
+    projection = torch.tensor([2.0, 2.0, 0.0, 0.0, 0.0])
+    for min_mass, strength in ((0.0, 2.0), (1.0, 2.0), (2.0, 2.0), (4.0, 1.0), (8.0, 0.5)):
+        refinement = SetRefinement(component_weight=2.0, component_min_mass=min_mass)
+        torch.testing.assert_close(refinement.correction(logit, 0.0, prompts, joint), -strength * projection)
+
+
 def test_refinement_reads_the_set_after_the_shift_and_is_off_by_default():
     """The correction is the neighbour support minus the harmful component of an ensemble's mixture mean (two
     members, certain rows); the shift decides how sure the first pass is of harm; a refinement with no weights
