@@ -202,25 +202,26 @@ EXTRA_SETS = ("p=0.1 audited", "disguised", "other_sources")
 
 def summarise(results: list[dict], methods: list[str]) -> list[dict]:
     """Per method: mean and worst-fold AUROC at p = 0.1 and on the shifted sets, AUPRC, harmful share,
-    benign kept at p = 0."""
+    benign kept at p = 0; NaN where a run has no such set (`eval_ratios` without it)."""
     def values(method, set_name, key):
         return [r[key] for r in results if r["method"] == method and r["set"] == set_name]
 
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")
+    worst = lambda xs: float(np.min(xs)) if xs else float("nan")
     table = []
     for method in methods:
         auroc = values(method, "p=0.1", "auroc")
-        table.append({"method": method, "auroc_p0.1_mean": float(np.mean(auroc)), "auroc_p0.1_worst": float(np.min(auroc)),
-                      "auroc_p0.05_worst": float(np.min(values(method, "p=0.05", "auroc"))),
-                      "auroc_p0.3_worst": float(np.min(values(method, "p=0.3", "auroc"))),
-                      "auroc_length_balanced_worst": float(np.min(values(method, "length_balanced", "auroc"))),
-                      "auprc_p0.1_mean": float(np.mean(values(method, "p=0.1", "auprc"))),
-                      "harmful_share_p0.1_mean": float(np.mean(values(method, "p=0.1", "harmful_weight_share"))),
-                      "benign_kept_p0_worst": float(np.min(values(method, "p=0.0", "benign_kept")))})
+        table.append({"method": method, "auroc_p0.1_mean": mean(auroc), "auroc_p0.1_worst": worst(auroc),
+                      "auroc_p0.05_worst": worst(values(method, "p=0.05", "auroc")),
+                      "auroc_p0.3_worst": worst(values(method, "p=0.3", "auroc")),
+                      "auroc_length_balanced_worst": worst(values(method, "length_balanced", "auroc")),
+                      "auprc_p0.1_mean": mean(values(method, "p=0.1", "auprc")),
+                      "harmful_share_p0.1_mean": mean(values(method, "p=0.1", "harmful_weight_share")),
+                      "benign_kept_p0_worst": worst(values(method, "p=0.0", "benign_kept"))})
         for extra in EXTRA_SETS:
             if extra_auroc := values(method, extra, "auroc"):
                 column = extra.replace("=", "").replace(" ", "_")
-                table[-1] |= {f"auroc_{column}_mean": float(np.mean(extra_auroc)),
-                              f"auroc_{column}_worst": float(np.min(extra_auroc))}
+                table[-1] |= {f"auroc_{column}_mean": mean(extra_auroc), f"auroc_{column}_worst": worst(extra_auroc)}
     return sorted(table, key=lambda row: -row["auroc_p0.1_worst"])
 
 
@@ -293,11 +294,11 @@ def validate(cfg: DictConfig) -> list[dict]:
     for fold in make_folds(cfg, tasks, harmful, other_harmful):
         log.info("fold %s", fold.name)
         results += run_fold(fold, cfg, embedder, bank, stats, designs, rejected)
+    out = Path(cfg.output_dir)
+    write_rows(results, out / "validation_results.jsonl")  # first: the hour of scoring is kept whatever follows
     shifts = operating_point_names(cfg, designs)
     methods = [*designs, *shifts, *BASELINES]
     table = summarise(results, methods)
-    out = Path(cfg.output_dir)
-    write_rows(results, out / "validation_results.jsonl")
     report = (f"# Validation ({cfg.preset})\n\nCommand: `python -m scheduler.validate {command_line_overrides()}`"
               f"\n\nWall time: {time.time() - start:.0f} s\n\n## Summary (sorted by worst-fold AUROC at p = 0.1)\n\n"
               f"{markdown(table)}\n\n## Per harmful ratio\n\n{per_ratio_table(results, methods)}\n"

@@ -127,6 +127,17 @@ def test_per_ratio_table_by_hand():
         "| p=0.1 | m | 0.8000 | 0.7000 | 0.2000 | 0.8500 |"]
 
 
+def test_summary_of_a_run_without_some_sets_reads_nan_there():
+    """`eval_ratios` may leave out p = 0.05 and p = 0.3: their columns are NaN, the others are still read."""
+    from scheduler.validate import summarise
+
+    metrics = lambda set_name, auroc, kept: {"fold": "a", "set": set_name, "method": "m", "auroc": auroc, "auprc": auroc,
+                                             "harmful_weight_share": 0.1, "benign_kept": kept}
+    (summary,) = summarise([metrics("p=0.1", 0.8, 0.95), metrics("p=0.0", float("nan"), 0.9)], ["m"])
+    assert (summary["auroc_p0.1_worst"], summary["auprc_p0.1_mean"], summary["benign_kept_p0_worst"]) == (0.8, 0.8, 0.9)
+    assert np.isnan(summary["auroc_p0.05_worst"]) and np.isnan(summary["auroc_length_balanced_worst"])
+
+
 def test_alignment_lookup_weights_follow_similarity():
     bank = AlignmentBank(torch.eye(3)[:1], torch.eye(3)[:1])
     prompts = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0.6, 0.8, 0]])
