@@ -200,28 +200,35 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
 EXTRA_SETS = ("p=0.1 audited", "disguised", "other_sources")
 
 
+def mean_or_nan(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def worst_or_nan(values: list[float]) -> float:
+    return float(np.min(values)) if values else float("nan")
+
+
 def summarise(results: list[dict], methods: list[str]) -> list[dict]:
     """Per method: mean and worst-fold AUROC at p = 0.1 and on the shifted sets, AUPRC, harmful share,
     benign kept at p = 0; NaN where a run has no such set (`eval_ratios` without it)."""
     def values(method, set_name, key):
         return [r[key] for r in results if r["method"] == method and r["set"] == set_name]
 
-    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")
-    worst = lambda xs: float(np.min(xs)) if xs else float("nan")
     table = []
     for method in methods:
         auroc = values(method, "p=0.1", "auroc")
-        table.append({"method": method, "auroc_p0.1_mean": mean(auroc), "auroc_p0.1_worst": worst(auroc),
-                      "auroc_p0.05_worst": worst(values(method, "p=0.05", "auroc")),
-                      "auroc_p0.3_worst": worst(values(method, "p=0.3", "auroc")),
-                      "auroc_length_balanced_worst": worst(values(method, "length_balanced", "auroc")),
-                      "auprc_p0.1_mean": mean(values(method, "p=0.1", "auprc")),
-                      "harmful_share_p0.1_mean": mean(values(method, "p=0.1", "harmful_weight_share")),
-                      "benign_kept_p0_worst": worst(values(method, "p=0.0", "benign_kept"))})
+        table.append({"method": method, "auroc_p0.1_mean": mean_or_nan(auroc), "auroc_p0.1_worst": worst_or_nan(auroc),
+                      "auroc_p0.05_worst": worst_or_nan(values(method, "p=0.05", "auroc")),
+                      "auroc_p0.3_worst": worst_or_nan(values(method, "p=0.3", "auroc")),
+                      "auroc_length_balanced_worst": worst_or_nan(values(method, "length_balanced", "auroc")),
+                      "auprc_p0.1_mean": mean_or_nan(values(method, "p=0.1", "auprc")),
+                      "harmful_share_p0.1_mean": mean_or_nan(values(method, "p=0.1", "harmful_weight_share")),
+                      "benign_kept_p0_worst": worst_or_nan(values(method, "p=0.0", "benign_kept"))})
         for extra in EXTRA_SETS:
             if extra_auroc := values(method, extra, "auroc"):
                 column = extra.replace("=", "").replace(" ", "_")
-                table[-1] |= {f"auroc_{column}_mean": mean(extra_auroc), f"auroc_{column}_worst": worst(extra_auroc)}
+                table[-1] |= {f"auroc_{column}_mean": mean_or_nan(extra_auroc),
+                              f"auroc_{column}_worst": worst_or_nan(extra_auroc)}
     return sorted(table, key=lambda row: -row["auroc_p0.1_worst"])
 
 
@@ -252,13 +259,14 @@ def per_ratio_table(results: list[dict], methods: list[str]) -> str:
     """Per harmful ratio and method: AUROC mean / worst fold, the mean harmful share of weight, and the benign rows
     kept (weight >= 0.5) on the worst fold: how a design holds up as contamination grows or vanishes."""
     lines = ["| set | method | AUROC mean | AUROC worst | harmful share | benign kept, worst |", "|---|---|---|---|---|---|"]
-    cell = lambda values, agg: f"{agg(values):.4f}" if values and not np.isnan(values).all() else "-"
+    cell = lambda value: "-" if np.isnan(value) else f"{value:.4f}"
     for set_name in ratio_sets(results):
         for method in methods:
             rows = [r for r in results if r["set"] == set_name and r["method"] == method]
             column = lambda key: [r[key] for r in rows]
-            lines.append(f"| {set_name} | {method} | {cell(column('auroc'), np.mean)} | {cell(column('auroc'), np.min)} | "
-                         f"{cell(column('harmful_weight_share'), np.mean)} | {cell(column('benign_kept'), np.min)} |")
+            figures = (mean_or_nan(column("auroc")), worst_or_nan(column("auroc")),
+                       mean_or_nan(column("harmful_weight_share")), worst_or_nan(column("benign_kept")))
+            lines.append(f"| {set_name} | {method} | " + " | ".join(cell(f) for f in figures) + " |")
     return "\n".join(lines)
 
 
