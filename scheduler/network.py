@@ -118,6 +118,12 @@ class Posterior:
         return Posterior(self.mu.mean(0), variance.sqrt(), self.prior_mean)
 
 
+def scoring_reads_joint(evidence: SetEvidence, refinement: SetRefinement) -> bool:
+    """Whether scoring a set with this evidence and refinement needs the rows' joint embeddings (a second, longer
+    encoder pass): asked of a trained posterior and of a config before any posterior exists."""
+    return evidence.reads_joint(scoring=True) or refinement.reads_joint
+
+
 def expected_harmful_fraction(posterior: Posterior) -> float:
     """The share of a set's rows that the posterior expects to be harmful: the mean of 1 - sigmoid(mu)."""
     return float(torch.sigmoid(-posterior.moments().mu.detach()).mean())
@@ -155,7 +161,7 @@ class SetPosterior(nn.Module):
     @property
     def reads_joint_at_scoring(self) -> bool:
         """Whether `score_set` needs the rows' joint embeddings."""
-        return self.evidence.reads_joint(scoring=True) or self.refinement.reads_joint
+        return scoring_reads_joint(self.evidence, self.refinement)
 
     def relation(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """The set's `relation_features`: fixed for a set, so a caller that needs them twice computes them once."""

@@ -19,7 +19,7 @@ from scheduler.evidence import LMEvidence
 from scheduler.features import AlignmentBank, SetEvidence, alignment_similarity, topk_mean_similarity
 from scheduler.lm import DEFAULT_REFUSAL, load_lm
 from scheduler.module import BDSModule
-from scheduler.network import SetPosterior
+from scheduler.network import SetPosterior, scoring_reads_joint
 from scheduler.prior import SafetyPrior
 from scheduler.refinement import SetRefinement
 from scheduler.scoring import build_posterior
@@ -69,8 +69,7 @@ def reads_joint_in_training(model_cfg: DictConfig) -> bool:
 
 def reads_joint_at_scoring(model_cfg: DictConfig) -> bool:
     """Whether a scored set needs its rows' joint embeddings (a second, longer encoder pass)."""
-    return (SetEvidence(**evidence_config(model_cfg)).reads_joint(scoring=True)
-            or SetRefinement(**refinement_config(model_cfg)).reads_joint)
+    return scoring_reads_joint(SetEvidence(**evidence_config(model_cfg)), SetRefinement(**refinement_config(model_cfg)))
 
 
 def calibrate_prior(prior: SafetyPrior, bank: AlignmentBank, training_prompts: torch.Tensor, k: int) -> SafetyPrior:
