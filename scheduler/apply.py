@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ class ApplySummary:
     histogram: Path | None
     expected_harmful_fraction: float
     scoring_shift: float
-    label_check: dict[str, float] | None = None
+    label_check: dict[str, dict[str, float]] | None = None
 
     def __str__(self) -> str:
         q = "  ".join(f"{name}={value:.3f}" for name, value in self.quantiles.items())
@@ -35,10 +35,10 @@ class ApplySummary:
                 f"(scoring shift applied: {self.scoring_shift:.2f})\n"
                 f"weight quantiles: {q}" + (f"\nhistogram: {self.histogram}" if self.histogram else ""))
         if self.label_check:
-            c = self.label_check
-            text += (f"\ncheck against the file's own 'label' column (not used for scoring): AUROC {c['auroc']:.3f}, "
-                     f"harmful share of total weight {c['harmful_weight_share']:.3f}, "
-                     f"mean benign weight {c['mean_benign_weight']:.3f}")
+            text += "\ncheck against the file's own 'label' column (not used for scoring):"
+            for method, c in self.label_check.items():
+                text += (f"\n  {method:<38} AUROC {c['auroc']:.3f}, harmful share of total weight "
+                         f"{c['harmful_weight_share']:.3f}, benign rows kept (weight >= 0.5) {c['benign_kept']:.1%}")
         return text
 
 
@@ -95,18 +95,24 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
         raise DataError(f"{output_path}: output would overwrite the input; choose another output path")
     examples = read_all(input_path)  # fail on bad rows before spending time on the model
     scheduler = NeuralScheduler.load(checkpoint, scoring_shift=scoring_shift, scoring_shift_taper=scoring_shift_taper)
-    result = scheduler.score_embeddings(*embed_in_chunks(scheduler, examples, chunk))
+    embeddings = embed_in_chunks(scheduler, examples, chunk)
+    result = scheduler.score_embeddings(*embeddings)
     write_rows(output_rows(examples, result), output_path)
     hist = plot_histogram(result.weight, output_path.with_suffix(".hist.png")) if histogram else None
     quantiles = dict(zip(["min", "q05", "q25", "median", "q75", "q95", "max"],
                          np.quantile(result.weight, [0, 0.05, 0.25, 0.5, 0.75, 0.95, 1]).tolist(), strict=True))
     return ApplySummary(len(examples), int((result.weight < 0.5).sum()), quantiles, output_path, hist,
-                        result.expected_harmful_fraction, result.scoring_shift, label_check(examples, result.weight))
+                        result.expected_harmful_fraction, result.scoring_shift,
+                        label_check(examples, result.weight, lambda: scheduler.alignment_lookup(embeddings.prompts)))
 
 
-def label_check(examples: list[Example], weights: np.ndarray) -> dict[str, float] | None:
-    """Detection metrics when every row carries a harmful/benign `label` (e.g. the bundled demo set)."""
+def label_check(examples: list[Example], weights: np.ndarray,
+                lookup_weights: Callable[[], np.ndarray]) -> dict[str, dict[str, float]] | None:
+    """Detection metrics when every row carries a harmful/benign `label` (e.g. the bundled demo set), beside those
+    of the alignment look-up on the same rows, so that a user sees what the scheduler adds over the simple answer."""
     labels = [e.label for e in examples]
     if not set(labels) <= {"harmful", "benign"} or len(set(labels)) < 2:
         return None
-    return detection_metrics(np.array([label == "harmful" for label in labels]), weights)
+    harmful = np.array([label == "harmful" for label in labels])
+    return {"scheduler": detection_metrics(harmful, weights),
+            "alignment look-up (baseline, same rows)": detection_metrics(harmful, lookup_weights())}

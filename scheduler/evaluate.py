@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from scheduler.baselines import SupervisedFilter, alignment_lookup
+from scheduler.baselines import SupervisedFilter
 from scheduler.data.datamodule import EmbeddedSet, embed_sets
 from scheduler.data.io import DataError, Example, exit_on_data_error, read_examples, write_rows, write_text
 from scheduler.data.mixing import FineTuningSet, categories_of, mix, read_pool, read_tasks
@@ -101,7 +101,6 @@ class Methods:
                  alignment: list[Example]):
         reference = next(iter(schedulers.values()))
         self.reference, self.schedulers = reference, schedulers
-        self.k = reference.config["k"]
         collection_set = embed_sets([FineTuningSet("collection", collection)], reference.embedder, joint=False)[0]
         self.supervised = SupervisedFilter().fit(collection_set.prompts, collection_set.responses,
                                                  collection_set.labels.numpy())
@@ -127,8 +126,7 @@ class Methods:
         # A reference, not a method: what perfect knowledge of the labels would do (harmful rows get 0).
         labels = s.labels.numpy()
         weights["label_oracle"] = np.where(labels == 1, 0.0, 1.0) / max(1 - labels.mean(), 1e-12)
-        weights["alignment_lookup"] = alignment_lookup(s.prompts, self.reference.posterior.bank, self.k,
-                                                       self.reference.posterior.prior)
+        weights["alignment_lookup"] = self.reference.alignment_lookup(s.prompts)
         return weights
 
 

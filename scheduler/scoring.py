@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scheduler.baselines import alignment_lookup
 from scheduler.data.io import DataError, Example, examples_from_rows
 from scheduler.embeddings import Embedder, RowEmbeddings
 from scheduler.features import AlignmentBank, SetEvidence
@@ -127,6 +128,12 @@ class NeuralScheduler:
         moments = posterior.moments()
         return ScoreResult(weight.numpy(), std.numpy(), moments.mu.numpy(), moments.sigma.numpy(),
                            posterior.prior_mean.numpy(), scored.expected_harmful_fraction, scored.scoring_shift)
+
+    @torch.no_grad()
+    def alignment_lookup(self, prompts: torch.Tensor) -> np.ndarray:
+        """The label-free baseline on the same rows: each prompt's similarity to the checkpoint's alignment prompts,
+        through the checkpoint's calibrated prior (mean weight 1). What a user would do without the scheduler."""
+        return alignment_lookup(prompts, self.posterior.bank, self.config["k"], self.posterior.prior)
 
     def score(self, rows: Iterable[Any]) -> ScoreResult:
         """Weights for rows given as dicts of any supported schema or as plain strings; the rows form one set."""

@@ -58,6 +58,30 @@ def test_apply_script_adds_weights_and_keeps_rows(trained, data_dir, tmp_path):
     assert {"weight", "weight_std", "posterior_mu", "posterior_sigma"} <= set(table.columns)
     assert table["weight"].mean() == pytest.approx(1.0, abs=1e-4)
     assert "rows" in result.stdout and "quantiles" in result.stdout
+    assert "alignment look-up (baseline, same rows)" in result.stdout  # the demo rows carry labels
+
+
+def test_label_check_puts_the_alignment_lookup_beside_the_scheduler(trained, data_dir, tmp_path):
+    """On a labelled file the summary gives the look-up's detection on the same rows; its AUROC is that of
+    the prompts' mean cosine similarity to their k nearest alignment prompts, computed here by hand."""
+    from sklearn.metrics import roc_auc_score
+
+    from scheduler.apply import apply_scheduler
+    from scheduler.data.io import examples_from_rows
+
+    checkpoint = trained / "scheduler.ckpt"
+    summary = apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "w.jsonl", histogram=False)
+    scheduler = NeuralScheduler.load(checkpoint)
+    rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
+    prompts = scheduler.embed(examples_from_rows(rows), use_cache=False).prompts.numpy()
+    bank = scheduler.posterior.bank_prompts.numpy()
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    similarity = np.sort(unit(prompts) @ unit(bank).T, axis=1)[:, -scheduler.config["k"]:].mean(1)
+    harmful = np.array([r["label"] == "harmful" for r in rows])
+    lookup = summary.label_check["alignment look-up (baseline, same rows)"]
+    assert lookup["auroc"] == pytest.approx(roc_auc_score(harmful, similarity), abs=1e-6)
+    assert summary.label_check["scheduler"]["auroc"] == pytest.approx(
+        roc_auc_score(harmful, -np.array([json.loads(line)["weight"] for line in (tmp_path / "w.jsonl").open()])), abs=1e-6)
 
 
 def test_checkpoint_loads_in_python_and_scores_any_schema(trained):
