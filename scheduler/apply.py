@@ -37,7 +37,7 @@ class ApplySummary:
         if self.label_check:
             text += "\ncheck against the file's own 'label' column (not used for scoring):"
             for method, c in self.label_check.items():
-                text += (f"\n  {method:<38} AUROC {c['auroc']:.3f}, harmful share of total weight "
+                text += (f"\n  {method:<40} AUROC {c['auroc']:.3f}, harmful share of total weight "
                          f"{c['harmful_weight_share']:.3f}, benign rows kept (weight >= 0.5) {c['benign_kept']:.1%}")
         return text
 
