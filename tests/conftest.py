@@ -7,6 +7,11 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
+
+# CI has no GPU: these run where one is visible (on a GPU machine: pytest tests/test_gpu.py and the `gpu` cases).
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+ACCELERATORS = ["cpu", pytest.param("gpu", marks=requires_cuda)]
 
 BENIGN_TOPICS = {
     "sentiment": ("Analyze the sentiment of the input. Input: {}", ["the film was warm and funny", "a dull and tired plot",

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import train_overrides, write_jsonl
+from conftest import ACCELERATORS, train_overrides, write_jsonl
 from hydra import compose, initialize_config_dir
 from test_module import fit
 
@@ -124,7 +124,9 @@ def test_markdown_pivot_of_means():
 
 
 @pytest.mark.slow
-def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_path, tmp_path):
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_path, tmp_path, accelerator):
+    """On a GPU (`gpu`) the scalar BDS, the downstream fine-tuning and generation run there."""
     ckpt_dir = tmp_path / "run"
     trained = subprocess.run([sys.executable, str(ROOT / "train_scheduler.py"),
                               *train_overrides(data_dir, ckpt_dir, tiny_embedder_path, tiny_lm_path)],
@@ -135,7 +137,8 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
     out = tmp_path / "eval"
     common = [f"root={data_dir}", f"checkpoints=[tiny:{ckpt_dir / 'scheduler.ckpt'}]", "tasks=[benign_cooking.jsonl]",
               "harmful_sources=[harmful.jsonl]", "alignment_file=alignment.jsonl", "judge_harmful_files=[harmful.jsonl]",
-              "hand_labels=hand.jsonl", f"output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+              "hand_labels=hand.jsonl", f"output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}",
+              f"device={'cuda' if accelerator == 'gpu' else 'cpu'}"]
     result = subprocess.run(
         [sys.executable, "-m", "scheduler.evaluate", *common, "collection_files=[harmful.jsonl,"
          "benign_sentiment.jsonl,benign_math.jsonl]", "eval_harmful_prompts=harmful.jsonl",

@@ -3,7 +3,8 @@
 import lightning as L
 import numpy as np
 import torch
-from conftest import train_overrides
+import pytest
+from conftest import ACCELERATORS, train_overrides
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
@@ -17,9 +18,9 @@ from scheduler.training import CONFIG_DIR, build_datamodule, build_module, regis
 from scheduler.transforms import posterior_weights
 
 
-def fit(module: BDSModule, batches: list[SetBatch], steps: int) -> None:
+def fit(module: BDSModule, batches: list[SetBatch], steps: int, accelerator: str = "cpu") -> None:
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")
+                        enable_model_summary=False, accelerator=accelerator, devices=1)
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=1, collate_fn=lambda b: b[0]))
 
 
@@ -49,7 +50,8 @@ def compose_train(overrides: list[str]):
         return compose("train", overrides=overrides)
 
 
-def test_co_trained_lm_learns_to_refuse_harmful_prompts(data_dir, tiny_embedder_path, tiny_lm_path, tmp_path):
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_co_trained_lm_learns_to_refuse_harmful_prompts(data_dir, tiny_embedder_path, tiny_lm_path, tmp_path, accelerator):
     """Refusal evidence comes from the alignment set alone, and the network's weights follow it."""
     L.seed_everything(0)
     cfg = compose_train(train_overrides(data_dir, tmp_path, tiny_embedder_path, tiny_lm_path) +
@@ -64,8 +66,8 @@ def test_co_trained_lm_learns_to_refuse_harmful_prompts(data_dir, tiny_embedder_
     harmful = [e for s in datamodule.train_sets for e in s.examples if e.label == "harmful"][:8]
     benign = [e for s in datamodule.train_sets for e in s.examples if e.label == "benign"][:8]
     refusal_before = module.evidence.refusal_loss(harmful).mean() - module.evidence.refusal_loss(benign).mean()
-    fit(module, [b for b in datamodule.train_dataloader()] * 50, steps=240)
-    module.eval()
+    fit(module, [b for b in datamodule.train_dataloader()] * 50, steps=240, accelerator=accelerator)
+    module.cpu().eval()  # trained where `accelerator` says; judged here
     refusal_after = module.evidence.refusal_loss(harmful).mean() - module.evidence.refusal_loss(benign).mean()
     assert module.lm_steps_done.item() == 60  # the LM co-trains for exactly model.lm_steps steps
     assert refusal_after < refusal_before and refusal_after < 0  # refusing harmful prompts became likelier
