@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from scheduler.baselines import SupervisedFilter, alignment_lookup
-from scheduler.data.attacks import UNSEEN_FRAMES, disguise, wrap_answers
+from scheduler.data.attacks import FRESH_FRAMES, UNSEEN_FRAMES, disguise, wrap_answers
 from scheduler.data.datamodule import EmbeddedSet, SetBatch, embed_sets
 from scheduler.data.io import DataError, Example, exit_on_data_error, iter_rows, write_rows, write_text
 from scheduler.data.mixing import (HARMFUL, FineTuningSet, build_training_sets, categories_of, mix, read_pool,
@@ -112,8 +112,9 @@ def audited(labelled: FineTuningSet, rejected: set[str]) -> FineTuningSet:
 def eval_sets(fold: Fold, cfg: DictConfig, seed: int, rejected: set[str] = frozenset()) -> list[FineTuningSet]:
     """Sets at each harmful ratio, plus shifted sets at p = 0.1: half the harmful answers cut to their first
     sentence (length says nothing), harmful requests in benign-looking frames, and harmful rows from other
-    sources (when given); with a label audit, also the p = 0.1 set without the rows the audit rejects. Last, two
-    attack styles no design was chosen on: requests in unseen frames, and answers wrapped in a disclaimer."""
+    sources (when given); with a label audit, also the p = 0.1 set without the rows the audit rejects. Last, attack
+    styles no design was chosen on: requests in unseen frames, answers wrapped in a disclaimer, requests in fresh
+    frames (a third family, for what is chosen on the second)."""
     rng = random.Random(seed)
     sets = [mix(f"p={p}", fold.eval_benign, fold.eval_harmful, cfg.eval_set_size, p, rng) for p in cfg.eval_ratios]
     if rejected:
@@ -127,6 +128,8 @@ def eval_sets(fold: Fold, cfg: DictConfig, seed: int, rejected: set[str] = froze
     sets.append(mix("unseen_frames", fold.eval_benign, disguise(fold.eval_harmful, UNSEEN_FRAMES, "unseen_frame"),
                     cfg.eval_set_size, 0.1, rng))
     sets.append(mix("wrapped_answers", fold.eval_benign, wrap_answers(fold.eval_harmful), cfg.eval_set_size, 0.1, rng))
+    sets.append(mix("fresh_frames", fold.eval_benign, disguise(fold.eval_harmful, FRESH_FRAMES, "fresh_frame"),
+                    cfg.eval_set_size, 0.1, rng))
     return sets
 
 
@@ -201,7 +204,7 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
 
 
 # Columns beside p = 0.1: the same set with less label noise, then the shifted sets.
-EXTRA_SETS = ("p=0.1 audited", "disguised", "other_sources", "unseen_frames", "wrapped_answers")
+EXTRA_SETS = ("p=0.1 audited", "disguised", "other_sources", "unseen_frames", "wrapped_answers", "fresh_frames")
 
 
 def mean_or_nan(values: list[float]) -> float:
