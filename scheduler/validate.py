@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from scheduler.baselines import SupervisedFilter, alignment_lookup
-from scheduler.data.attacks import FRESH_FRAMES, UNSEEN_FRAMES, disguise, wrap_answers
+from scheduler.data.attacks import FRESH_FRAMES, UNSEEN_FRAMES, disguise, disguise_share, wrap_answers
 from scheduler.data.datamodule import EmbeddedSet, SetBatch, embed_sets
 from scheduler.data.io import DataError, Example, exit_on_data_error, iter_rows, write_rows, write_text
 from scheduler.data.mixing import (HARMFUL, FineTuningSet, build_training_sets, categories_of, mix, read_pool,
@@ -178,8 +178,9 @@ def operating_point_names(cfg: DictConfig, designs: dict[str, DictConfig]) -> di
 
 def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBank, stats: AlignedLMStats | None,
              designs: dict[str, DictConfig], rejected: set[str] = frozenset()) -> list[dict]:
-    train = build_training_sets(fold.train_tasks, fold.train_harmful, cfg.n_train_sets, cfg.set_sizes,
-                                cfg.harmful_ratios, cfg.seed)
+    train_harmful = disguise_share(fold.train_harmful, cfg.get("train_disguise_fraction", 0.0))
+    train = build_training_sets(fold.train_tasks, train_harmful, cfg.n_train_sets, cfg.set_sizes, cfg.harmful_ratios,
+                                cfg.seed)
     train_sets = embed_sets(train, embedder, joint=any(reads_joint_in_training(design) for design in designs.values()))
     evaluation = embed_sets(eval_sets(fold, cfg, cfg.seed + 1, rejected), embedder,
                             joint=any(reads_joint_at_scoring(design) for design in designs.values()))

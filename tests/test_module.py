@@ -209,3 +209,22 @@ def test_joint_embeddings_read_prompt_and_answer_together_with_their_own_window_
         scheduler = NeuralScheduler(SetPosterior(network, SafetyPrior(), bank, k=1, evidence=evidence), config, embedder)
         assert scheduler.needs_joint is expected and (scheduler.embed(rows).joint is not None) is expected
         assert len(scheduler.score(rows).weight) == 2
+
+
+def test_disguise_fraction_frames_training_harmful_rows_only(data_dir, tiny_embedder_path, tiny_lm_path, tmp_path):
+    """The opt-in frames a share of the training harmful rows; benign rows and validation sets stay as read."""
+    from scheduler.data.attacks import DISGUISES
+    from scheduler.embeddings import Embedder
+
+    embedder = Embedder(tiny_embedder_path, show_progress=False, cache_dir=tmp_path / "cache")
+    base = train_overrides(data_dir, tmp_path, tiny_embedder_path, tiny_lm_path)
+    framed = lambda e: any(e.prompt.startswith(frame.split("{prompt}")[0]) for frame in DISGUISES)  # noqa: E731
+    for fraction in (0.0, 0.5):
+        datamodule = build_datamodule(compose_train(base + [f"data.disguise_fraction={fraction}"]), embedder)
+        datamodule.setup("fit")
+        train = {e for s in datamodule.train_sets for e in s.examples}
+        harmful = [e for e in train if e.label == "harmful"]
+        assert bool(fraction) == any(framed(e) for e in harmful)
+        assert not any(framed(e) for e in train if e.label != "harmful")
+        assert not any(framed(e) for s in datamodule.val_sets for e in s.examples)
+    assert 0.3 < sum(map(framed, harmful)) / len(harmful) < 0.7

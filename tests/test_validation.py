@@ -106,6 +106,18 @@ def test_unseen_frames_and_wrapped_answers_change_one_half_of_a_harmful_row(fold
     assert all(e.prompt in {b.prompt for b in folds[0].eval_benign} for e in benign("wrapped_answers"))
 
 
+def test_disguise_share_frames_an_even_share_of_training_rows_and_keeps_the_rest():
+    from scheduler.data.attacks import DISGUISES, disguise_share
+
+    rows = [Example(f"request {i}", f"answer {i}", {"label": "harmful", "id": f"h{i}"}) for i in range(9)]
+    shared = disguise_share(rows, 0.3333333333)
+    assert [i for i, (a, b) in enumerate(zip(shared, rows)) if a != b] == [2, 5, 8]
+    for e, frame in zip(shared[2::3], DISGUISES):
+        original = rows[int(e.row["id"][1:])]
+        assert e.prompt == frame.format(prompt=original.prompt) and e.response == original.response
+    assert disguise_share(rows, 0.0) == rows
+
+
 def test_audited_set_drops_exactly_the_harmful_rows_the_audit_rejects(folds_and_data, tmp_path):
     cfg, folds, _ = folds_and_data
     plain = {s.name: s for s in eval_sets(folds[0], cfg, seed=1)}["p=0.1"]

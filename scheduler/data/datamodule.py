@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from scheduler.data.attacks import disguise_share
 from scheduler.data.io import Example
 from scheduler.data.mixing import FineTuningSet, build_training_sets, mix, read_pool, read_tasks, split_harmful
 from scheduler.embeddings import Embedder, RowEmbeddings
@@ -94,7 +95,8 @@ class FineTuningSetsDataModule(L.LightningDataModule):
                  harmful_ratios: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5), val_harmful_ratio: float = 0.1,
                  val_set_size: int = 200, val_harmful_fraction: float = 0.2, lm_batch_size: int = 8,
                  alignment_batch_size: int = 8, seed: int = 0, exclude_files: Sequence[str | None] = (),
-                 embedder: Embedder | None = None, joint_in_training: bool = True, joint_in_validation: bool = True):
+                 embedder: Embedder | None = None, joint_in_training: bool = True, joint_in_validation: bool = True,
+                 disguise_fraction: float = 0.0):
         super().__init__()
         self.root, self.alignment_file = root, alignment_file
         self.harmful_files, self.train_tasks, self.val_tasks = list(harmful_files), list(train_tasks), list(val_tasks)
@@ -102,6 +104,7 @@ class FineTuningSetsDataModule(L.LightningDataModule):
         self.val_harmful_ratio, self.val_set_size, self.val_harmful_fraction = val_harmful_ratio, val_set_size, val_harmful_fraction
         self.lm_batch_size, self.alignment_batch_size, self.seed = lm_batch_size, alignment_batch_size, seed
         self.exclude_files = [f for f in exclude_files if f]
+        self.disguise_fraction = disguise_fraction
         self.embedder = embedder
         # Whether the model's evidence reads the joint embeddings of training / validation sets
         # (`SetEvidence.reads_joint`; `training.build_datamodule` sets both).
@@ -122,6 +125,7 @@ class FineTuningSetsDataModule(L.LightningDataModule):
         keep = lambda rows: [e for e in rows if (e.prompt, e.response) not in excluded]  # noqa: E731
         harmful = keep(read_pool(self.harmful_files, self.root))
         train_harmful, val_harmful = split_harmful(harmful, self.val_harmful_fraction, self.seed)
+        train_harmful = disguise_share(train_harmful, self.disguise_fraction)
         tasks = {task: keep(rows) for task, rows in read_tasks(self.train_tasks, self.root).items()}
         train = build_training_sets(tasks, train_harmful, self.n_train_sets, self.set_sizes, self.harmful_ratios, self.seed)
         rng = random.Random(self.seed + 1)
