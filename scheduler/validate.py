@@ -178,7 +178,7 @@ def operating_point_names(cfg: DictConfig, designs: dict[str, DictConfig]) -> di
 
 def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBank, stats: AlignedLMStats | None,
              designs: dict[str, DictConfig], rejected: set[str] = frozenset()) -> list[dict]:
-    train_harmful = disguise_share(fold.train_harmful, cfg.get("train_disguise_fraction", 0.0))
+    train_harmful = disguise_share(fold.train_harmful, cfg.train_disguise_fraction)
     train = build_training_sets(fold.train_tasks, train_harmful, cfg.n_train_sets, cfg.set_sizes, cfg.harmful_ratios,
                                 cfg.seed)
     train_sets = embed_sets(train, embedder, joint=any(reads_joint_in_training(design) for design in designs.values()))

@@ -1,5 +1,5 @@
-"""What changes when a GPU trains: tensors cross devices, the LM runs in bf16, the checkpoint holds CUDA tensors.
-Skipped where no GPU is visible (CI); `test_module` and `test_evaluation` also run their `gpu` cases there."""
+"""What changes when a GPU trains: tensors cross devices, the LM runs in bf16, and what it writes must score where
+no GPU is. Skipped where no GPU is visible (CI); `test_module` and `test_evaluation` run `gpu` cases there too."""
 
 import copy
 import json
