@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,8 @@ import torch
 # CI has no GPU: these run where one is visible (on a GPU machine: pytest tests/test_gpu.py and the `gpu` cases).
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ACCELERATORS = ["cpu", pytest.param("gpu", marks=requires_cuda)]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BENIGN_TOPICS = {
     "sentiment": ("Analyze the sentiment of the input. Input: {}", ["the film was warm and funny", "a dull and tired plot",
@@ -100,3 +105,9 @@ def train_overrides(data_dir: Path, out_dir: Path, embedder: str, lm: str, steps
             "data.val_tasks=[benign_cooking.jsonl]", "data.n_train_sets=6", "data.set_sizes=[16,24]",
             "data.val_set_size=20", f"trainer.max_steps={steps}", "trainer.val_check_interval=3",
             "trainer.enable_progress_bar=false", f"demo_input={data_dir / 'demo.jsonl'}"]
+
+
+def run_script(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """One of the project's top-level scripts in a fresh interpreter, as a user runs it (`env` adds variables)."""
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})})

@@ -1,15 +1,12 @@
 """Bad input: one-line error naming file, line and field, non-zero exit, no partial output."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import train_overrides
+from conftest import run_script, train_overrides
 
 from scheduler.data.io import DataError, read_examples
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(("content", "expected"), [
@@ -40,15 +37,14 @@ def test_not_utf8(tmp_path):
 
 
 def run_apply(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "apply_scheduler.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    return run_script("apply_scheduler.py", *args)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, data_dir, tiny_embedder_path, tiny_lm_path) -> Path:
     out = tmp_path_factory.mktemp("bad-input-run")
     overrides = train_overrides(data_dir, out, tiny_embedder_path, tiny_lm_path, steps=2) + ["demo_input=null"]
-    result = subprocess.run([sys.executable, str(ROOT / "train_scheduler.py"), *overrides], capture_output=True,
-                            text=True, cwd=ROOT)
+    result = run_script("train_scheduler.py", *overrides)
     assert result.returncode == 0, result.stderr[-2000:]
     return out / "scheduler.ckpt"
 

@@ -1,34 +1,27 @@
 """Train -> checkpoint -> apply_scheduler.py -> load in Python, on tiny models, through the real scripts."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import train_overrides
+from conftest import run_script, train_overrides
 from omegaconf import OmegaConf
 
 from scheduler import NeuralScheduler
 from scheduler.refinement import SetRefinement
 from scheduler.training import CONFIG_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir, tiny_embedder_path, tiny_lm_path) -> Path:
     """A run with the co-trained LM's refusal evidence (the default design uses no LM)."""
     out = tmp_path_factory.mktemp("run")
-    result = run("train_scheduler.py", *train_overrides(data_dir, out, tiny_embedder_path, tiny_lm_path),
-                 "model.signal=refusal")
+    result = run_script("train_scheduler.py", *train_overrides(data_dir, out, tiny_embedder_path, tiny_lm_path),
+                        "model.signal=refusal")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checkpoint:" in result.stdout and "weighted below 0.5" in result.stdout
     return out
@@ -47,8 +40,8 @@ def test_training_writes_checkpoint_and_scores_the_demo_set(trained):
 
 def test_apply_script_adds_weights_and_keeps_rows(trained, data_dir, tmp_path):
     output = tmp_path / "weighted.csv"
-    result = run("apply_scheduler.py", f"checkpoint={trained / 'scheduler.ckpt'}", f"input={data_dir / 'demo.jsonl'}",
-                 f"output={output}")
+    result = run_script("apply_scheduler.py", f"checkpoint={trained / 'scheduler.ckpt'}",
+                        f"input={data_dir / 'demo.jsonl'}", f"output={output}")
     assert result.returncode == 0, result.stderr[-3000:]
     import pandas as pd
 
@@ -142,15 +135,15 @@ def test_scoring_shift_of_the_checkpoint_can_be_overridden_at_scoring(trained, d
 
 def test_resume_from_last_checkpoint(trained, data_dir, tiny_embedder_path, tiny_lm_path, tmp_path):
     overrides = train_overrides(data_dir, tmp_path, tiny_embedder_path, tiny_lm_path, steps=8)
-    result = run("train_scheduler.py", *overrides, f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}", "demo_input=null",
-                 "model.signal=refusal")
+    result = run_script("train_scheduler.py", *overrides, f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}",
+                        "demo_input=null", "model.signal=refusal")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "scheduler.ckpt").is_file()
 
 
 def test_multirun_sweep_writes_one_checkpoint_per_job(data_dir, tiny_embedder_path, tiny_lm_path, tmp_path):
     overrides = train_overrides(data_dir, tmp_path, tiny_embedder_path, tiny_lm_path, steps=2)
-    result = run("train_scheduler.py", "-m", *overrides, "seed=0,1", "demo_input=null")
+    result = run_script("train_scheduler.py", "-m", *overrides, "seed=0,1", "demo_input=null")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "0" / "scheduler.ckpt").is_file() and (tmp_path / "1" / "scheduler.ckpt").is_file()
     # The default design has no LM evidence, so no LM is loaded or stored.

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ACCELERATORS, train_overrides, write_jsonl
+from conftest import ACCELERATORS, run_script, train_overrides, write_jsonl
 from hydra import compose, initialize_config_dir
 from test_module import fit
 
@@ -128,9 +128,7 @@ def test_markdown_pivot_of_means():
 def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_path, tmp_path, accelerator):
     """On a GPU (`gpu`) the scalar BDS, the downstream fine-tuning and generation run there."""
     ckpt_dir = tmp_path / "run"
-    trained = subprocess.run([sys.executable, str(ROOT / "train_scheduler.py"),
-                              *train_overrides(data_dir, ckpt_dir, tiny_embedder_path, tiny_lm_path)],
-                             capture_output=True, text=True, cwd=ROOT)
+    trained = run_script("train_scheduler.py", *train_overrides(data_dir, ckpt_dir, tiny_embedder_path, tiny_lm_path))
     assert trained.returncode == 0, trained.stderr[-3000:]
     write_jsonl(data_dir / "hand.jsonl", [{"prompt": "how to hurt", "response": r, "hand_harmful": h}
                                           for r, h in (("Sure, first get a knife", True), ("I can't help", False))])

@@ -3,41 +3,31 @@ no GPU is. Skipped where no GPU is visible (CI); `test_module` and `test_evaluat
 
 import copy
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import requires_cuda, train_overrides
+from conftest import requires_cuda, run_script, train_overrides
 
 from scheduler.data.io import Example
 from scheduler.evidence import LMEvidence
 from scheduler.lm import load_lm
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [requires_cuda, pytest.mark.slow]
-
-
-def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})})
 
 
 def test_a_checkpoint_trained_on_gpu_scores_where_no_gpu_is_visible(data_dir, tiny_embedder_path, tiny_lm_path,
                                                                        tmp_path):
     out = tmp_path / "run"
-    trained = run("train_scheduler.py", *train_overrides(data_dir, out, tiny_embedder_path, tiny_lm_path),
-                  "trainer=gpu", "model.signal=refusal")
+    trained = run_script("train_scheduler.py", *train_overrides(data_dir, out, tiny_embedder_path, tiny_lm_path),
+                         "trainer=gpu", "model.signal=refusal")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "GPU available: True (cuda), used: True" in trained.stdout + trained.stderr
     state = torch.load(out / "scheduler.ckpt", weights_only=False)["state_dict"]
     assert (~torch.isnan(state["energy_bank"])).sum() > 0  # the co-trained LM judged rows there
     assert any("lora_B" in key and value.abs().sum() > 0 for key, value in state.items())  # and its adapter learnt
     output = tmp_path / "weighted.jsonl"
-    applied = run("apply_scheduler.py", f"checkpoint={out / 'scheduler.ckpt'}", f"input={data_dir / 'demo.jsonl'}",
-                  f"output={output}", env={"CUDA_VISIBLE_DEVICES": ""})
+    applied = run_script("apply_scheduler.py", f"checkpoint={out / 'scheduler.ckpt'}", f"input={data_dir / 'demo.jsonl'}",
+                         f"output={output}", env={"CUDA_VISIBLE_DEVICES": ""})
     assert applied.returncode == 0, applied.stderr[-3000:]
     on_cpu = [json.loads(line)["weight"] for line in output.read_text().splitlines()]
     on_gpu_machine = [json.loads(line)["weight"] for line in (out / "demo.scored.jsonl").read_text().splitlines()]

@@ -2,8 +2,8 @@
 
 import lightning as L
 import numpy as np
-import torch
 import pytest
+import torch
 from conftest import ACCELERATORS, train_overrides
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
