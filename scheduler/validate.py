@@ -176,10 +176,17 @@ def operating_point_names(cfg: DictConfig, designs: dict[str, DictConfig]) -> di
     return {f"{design}@shift={shift:g}": float(shift) for shift in cfg.operating_points.shifts}
 
 
+def framed_training_rows(fold: Fold, fraction: float, benign: bool) -> tuple[dict[str, list[Example]], list[Example]]:
+    """The fold's training tasks and harmful rows, `fraction` of the harmful rows in a benign-looking frame and,
+    with `benign`, the same share of each task's rows too (so that a frame says nothing about harm)."""
+    tasks = {task: disguise_share(rows, fraction) for task, rows in fold.train_tasks.items()} if benign else fold.train_tasks
+    return tasks, disguise_share(fold.train_harmful, fraction)
+
+
 def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBank, stats: AlignedLMStats | None,
              designs: dict[str, DictConfig], rejected: set[str] = frozenset()) -> list[dict]:
-    train_harmful = disguise_share(fold.train_harmful, cfg.train_disguise_fraction)
-    train = build_training_sets(fold.train_tasks, train_harmful, cfg.n_train_sets, cfg.set_sizes, cfg.harmful_ratios,
+    train_tasks, train_harmful = framed_training_rows(fold, cfg.train_disguise_fraction, cfg.train_disguise_benign)
+    train = build_training_sets(train_tasks, train_harmful, cfg.n_train_sets, cfg.set_sizes, cfg.harmful_ratios,
                                 cfg.seed)
     train_sets = embed_sets(train, embedder, joint=any(reads_joint_in_training(design) for design in designs.values()))
     evaluation = embed_sets(eval_sets(fold, cfg, cfg.seed + 1, rejected), embedder,

@@ -17,7 +17,7 @@ from scheduler.metrics import detection_metrics
 from scheduler.prior import SafetyPrior
 from scheduler.training import CONFIG_DIR, register_resolvers
 from scheduler.data.io import DataError
-from scheduler.validate import eval_sets, first_sentence, make_folds, read_label_audit
+from scheduler.validate import eval_sets, first_sentence, framed_training_rows, make_folds, read_label_audit
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,20 @@ def test_disguise_share_frames_an_even_share_of_training_rows_and_keeps_the_rest
         original = rows[int(e.row["id"][1:])]
         assert e.prompt == frame.format(prompt=original.prompt) and e.response == original.response
     assert disguise_share(rows, 0.0) == rows
+
+
+@pytest.mark.parametrize("benign", [False, True])
+def test_training_frames_reach_benign_rows_only_when_asked(folds_and_data, benign):
+    _, folds, _ = folds_and_data
+    fold = folds[0]
+    tasks, harmful = framed_training_rows(fold, 0.5, benign)
+    framed = lambda rows: sum(e.row.get("attack", "").startswith("disguise_") for e in rows)  # noqa: E731
+    assert framed(harmful) == len(fold.train_harmful) // 2
+    assert [e.response for e in harmful] == [e.response for e in fold.train_harmful]
+    assert list(tasks) == list(fold.train_tasks)
+    for task, rows in tasks.items():
+        assert framed(rows) == (len(rows) // 2 if benign else 0)
+        assert [e.row["id"] for e in rows] == [e.row["id"] for e in fold.train_tasks[task]]
 
 
 def test_audited_set_drops_exactly_the_harmful_rows_the_audit_rejects(folds_and_data, tmp_path):

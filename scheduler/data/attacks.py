@@ -65,12 +65,12 @@ def disguise(harmful: Sequence[Example], frames: Sequence[str] = DISGUISES, tag:
             for i, e in enumerate(harmful)]
 
 
-def disguise_share(harmful: Sequence[Example], fraction: float) -> list[Example]:
+def disguise_share(rows: Sequence[Example], fraction: float) -> list[Example]:
     """The rows with an evenly spread `fraction` of them in a `DISGUISES` frame, for training sets: the labels
     only decide which rows a set holds, the objective never sees them."""
-    chosen = [i for i in range(len(harmful)) if int((i + 1) * fraction + 1e-9) > int(i * fraction + 1e-9)]
-    framed = dict(zip(chosen, disguise([harmful[i] for i in chosen])))
-    return [framed.get(i, e) for i, e in enumerate(harmful)]
+    chosen = [i for i in range(len(rows)) if int((i + 1) * fraction + 1e-9) > int(i * fraction + 1e-9)]
+    framed = dict(zip(chosen, disguise([rows[i] for i in chosen])))
+    return [framed.get(i, e) for i, e in enumerate(rows)]
 
 
 def wrap_answers(harmful: Sequence[Example]) -> list[Example]:
