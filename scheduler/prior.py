@@ -12,6 +12,10 @@ that belief without retraining. It moves every logit of a set by the same amount
 rows fall below a weight of 0.5 and leaves their order (AUROC) as it is. `scoring_shift_taper` makes
 that belief depend on the set: a set whose unshifted posterior already calls many rows harmful is not a
 mostly benign set, so its shift shrinks to 0 (the set-level harmful rate as evidence about the prior).
+`confident_taper` lets the final shift read a sharper statistic: the share of rows the set still calls harmful
+once `confident_at` logits of the shift are granted. A clean set of free-form chat holds many rows the unshifted
+posterior doubts a little, and few it is sure of; a contaminated set holds a block it is sure of. The shift of the
+first pass (`scoring_shift_taper`) still decides how sure the set's second look is of each row (`SetRefinement`).
 """
 
 from __future__ import annotations
@@ -20,17 +24,24 @@ import torch
 from torch import nn
 
 
-def check_taper(low: float, high: float) -> None:
+def check_taper(low: float, high: float, name: str = "scoring_shift_taper") -> None:
     """The taper's ends are expected harmful fractions with 0 <= low < high <= 1."""
     if not 0 <= low < high <= 1:
-        raise ValueError(f"scoring_shift_taper: expected 0 <= low < high <= 1; got [{low:g}, {high:g}]")
+        raise ValueError(f"{name}: expected 0 <= low < high <= 1; got [{low:g}, {high:g}]")
+
+
+def tapered(value: float, fraction: float, taper: tuple[float, float]) -> float:
+    """All of `value` up to the taper's low end, none from its high end, linear between."""
+    low, high = taper
+    return value * min(max((high - fraction) / (high - low), 0.0), 1.0)
 
 
 class SafetyPrior(nn.Module):
     """N(mean_i, scale^2) over the logit; mean_i = benign_mean - slope * standardised similarity."""
 
     def __init__(self, kind: str = "alignment", benign_mean: float = 2.0, slope: float = 3.0, scale: float = 1.5,
-                 scoring_shift: float = 0.0, scoring_shift_taper: tuple[float, float] | None = None):
+                 scoring_shift: float = 0.0, scoring_shift_taper: tuple[float, float] | None = None,
+                 confident_at: float = 0.0, confident_taper: tuple[float, float] | None = None):
         super().__init__()
         if kind not in ("alignment", "constant"):
             raise ValueError(f"unknown prior kind '{kind}'; expected 'alignment' or 'constant'")
@@ -42,6 +53,10 @@ class SafetyPrior(nn.Module):
         if scoring_shift_taper is not None:
             check_taper(*scoring_shift_taper)
         self.scoring_shift_taper = scoring_shift_taper
+        if confident_taper is not None:
+            check_taper(*confident_taper, name="confident_taper")
+        self.confident_at = confident_at
+        self.confident_taper = confident_taper
         self.register_buffer("center", torch.tensor(0.0))
         self.register_buffer("spread", torch.tensor(1.0))
 
@@ -64,8 +79,16 @@ class SafetyPrior(nn.Module):
         all of it up to the taper's low end, none from its high end, linear between."""
         if self.scoring_shift_taper is None:
             return self.scoring_shift
-        low, high = self.scoring_shift_taper
-        return self.scoring_shift * min(max((high - harmful_fraction) / (high - low), 0.0), 1.0)
+        return tapered(self.scoring_shift, harmful_fraction, self.scoring_shift_taper)
+
+    def final_shift(self, logit: torch.Tensor, first_shift: float) -> float:
+        """The shift a scored set finally gets, from its rows' unshifted logits `logit` (N,): tapered by the share
+        of rows still expected harmful after `confident_at` logits of the shift (`confident_taper`), or the
+        first pass's `first_shift` without that taper."""
+        if self.confident_taper is None:
+            return first_shift
+        confident_fraction = float(torch.sigmoid(-(logit.double() + self.confident_at)).mean())
+        return tapered(self.scoring_shift, confident_fraction, self.confident_taper)
 
     def kl(self, mu: torch.Tensor, sigma: torch.Tensor, prior_mean: torch.Tensor) -> torch.Tensor:
         """KL(N(mu, sigma^2) || N(prior_mean, scale^2)) per sample."""

@@ -84,7 +84,8 @@ class NeuralScheduler:
         """Load a checkpoint written by train_scheduler.py (or any BDSModule checkpoint).
 
         `scoring_shift` replaces the checkpoint's prior log-odds of a benign row at scoring (`SafetyPrior`):
-        higher keeps more rows at weight >= 0.5, lower flags more. `scoring_shift_taper` replaces the expected
+        higher keeps more rows at weight >= 0.5, lower flags more. `scoring_shift_taper` replaces the ends of the
+        taper that sets the final shift (`SafetyPrior`: the confident taper when the checkpoint has one), the
         harmful fractions over which that shift shrinks to 0: higher ends keep more benign rows of sets that
         hold harmful rows, and let more harmful weight through. None keeps the checkpoint's."""
         path = Path(path)
@@ -104,7 +105,8 @@ class NeuralScheduler:
         if scoring_shift is not None:
             config = {**config, "prior": {**config["prior"], "scoring_shift": float(scoring_shift)}}
         if taper is not None:
-            config = {**config, "prior": {**config["prior"], "scoring_shift_taper": taper}}
+            final = "confident_taper" if config["prior"].get("confident_taper") else "scoring_shift_taper"
+            config = {**config, "prior": {**config["prior"], final: taper}}
         prefix = "posterior."
         state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         bank = AlignmentBank(state["bank_prompts"], state["bank_responses"], state.get("bank_joint"))

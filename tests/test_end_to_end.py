@@ -98,10 +98,11 @@ def without_refinement(scheduler: NeuralScheduler) -> NeuralScheduler:
 
 
 def test_scoring_shift_of_the_checkpoint_can_be_overridden_at_scoring(trained, data_dir, tmp_path):
-    """The trained default carries the configured scoring_shift, tapered by the set's expected harmful fraction:
-    every logit of the set moves by the same amount, the one the taper gives (before the refinement, which the
-    checkpoint carries too); `scoring_shift=0` (in Python or in apply_scheduler) scores without it, and
-    `scoring_shift_taper` moves the taper's ends."""
+    """The trained default carries the configured scoring_shift, tapered by the share of rows the set still
+    expects harmful once `confident_at` logits of it are granted: every logit of the set moves by the same
+    amount, the one the confident taper gives (before the refinement, which the checkpoint carries too);
+    `scoring_shift=0` (in Python or in apply_scheduler) scores without it, and `scoring_shift_taper` moves the
+    ends of that taper."""
     from scheduler.apply import apply_scheduler
 
     checkpoint = trained / "scheduler.ckpt"
@@ -113,9 +114,11 @@ def test_scoring_shift_of_the_checkpoint_can_be_overridden_at_scoring(trained, d
     default = without_refinement(scheduler).score(rows)
     unshifted = without_refinement(NeuralScheduler.load(checkpoint, scoring_shift=0)).score(rows)
     harmful_fraction = float(np.mean(1 / (1 + np.exp(unshifted.mu))))
+    confident_fraction = float(np.mean(1 / (1 + np.exp(unshifted.mu.astype(np.float64) + configured.prior.confident_at))))
     shift = configured.prior.scoring_shift
     assert scheduler.config["prior"]["scoring_shift"] == shift > 0
-    expected = shift * min(max((0.4 - harmful_fraction) / 0.2, 0.0), 1.0)
+    low, high = configured.prior.confident_taper
+    expected = shift * min(max((high - confident_fraction) / (high - low), 0.0), 1.0)
     np.testing.assert_allclose(default.mu - unshifted.mu, expected, rtol=0, atol=1e-4)
     assert (default.scoring_shift, unshifted.scoring_shift) == (pytest.approx(expected), 0.0)
     assert default.expected_harmful_fraction == pytest.approx(harmful_fraction, abs=1e-6)  # reported for the set
@@ -125,8 +128,8 @@ def test_scoring_shift_of_the_checkpoint_can_be_overridden_at_scoring(trained, d
     written = [json.loads(line)["posterior_mu"] for line in (tmp_path / "unshifted.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(written, refined_unshifted.mu, rtol=0, atol=1e-5)
     # The taper too: ends below the set's expected harmful fraction take the whole shift away, ends above it none
-    low, high = harmful_fraction / 4, harmful_fraction / 2
-    untapered = without_refinement(NeuralScheduler.load(checkpoint, scoring_shift_taper=[harmful_fraction + 0.01, 1.0]))
+    low, high = confident_fraction / 4, confident_fraction / 2
+    untapered = without_refinement(NeuralScheduler.load(checkpoint, scoring_shift_taper=[confident_fraction + 0.01, 1.0]))
     np.testing.assert_allclose(untapered.score(rows).mu - unshifted.mu, shift, rtol=0, atol=1e-4)
     summary = apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "tapered.jsonl", histogram=False,
                               scoring_shift_taper=[low, high])

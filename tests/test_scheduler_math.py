@@ -194,6 +194,46 @@ def test_scoring_shift_moves_every_logit_at_scoring_only():
     assert torch.equal(after.mu.argsort(), before.mu.argsort())
 
 
+def test_confident_taper_reads_the_rows_a_set_is_sure_of():
+    """By hand: a set of rows the unshifted posterior only doubts (logit 0 each: the first pass expects half of them
+    harmful, so its taper gives no shift) keeps the whole shift under the confident taper, since granting 4 logits
+    leaves sigmoid(-4) = 0.018 of them harmful; a set with a sure block of 30 % harmful rows gets none, one with
+    20 % half of it. Without a confident taper the first pass's shift is final."""
+    prior = SafetyPrior(scoring_shift=12.0, scoring_shift_taper=(0.2, 0.4), confident_at=4.0, confident_taper=(0.15, 0.25))
+    doubtful = torch.zeros(100)
+    assert prior.set_shift(float(torch.sigmoid(-doubtful).mean())) == 0.0
+    assert prior.final_shift(doubtful, first_shift=0.0) == pytest.approx(12.0)
+    for sure, expected in ((30, 0.0), (20, 6.0), (10, 12.0)):
+        logit = torch.cat([torch.full((sure,), -20.0), torch.full((100 - sure,), 10.0)])
+        assert prior.final_shift(logit, first_shift=3.0) == pytest.approx(expected, abs=1e-3)
+    assert SafetyPrior(scoring_shift=12.0, scoring_shift_taper=(0.2, 0.4)).final_shift(doubtful, first_shift=3.0) == 3.0
+    with pytest.raises(ValueError, match="confident_taper"):
+        SafetyPrior(confident_taper=(0.3, 0.1))
+
+
+def test_refinement_reads_the_first_pass_shift_and_the_set_gets_the_confident_one():
+    """Rows whose logits sit near 0: the first pass expects about half harmful (no shift), the confident taper
+    grants the whole shift. The harmful component must weight rows by the first pass's shift, as validated."""
+    bank = AlignmentBank(unit([[1, 0, 0]]), unit([[0, 1, 0]]), unit([[1, 1, 0]]))
+    prompts, responses = unit([[1, 0.1, 0], [0, 0, 1], [0.5, 0.2, 1]]), unit([[0, 1, 0], [1, 0, 1], [1, 0, 1]])
+    joint = unit([[1, 0.5, 0], [0, 1, 1], [1, 0, 1]])
+    network = SchedulerNetwork(3, hidden=8)
+    torch.nn.init.constant_(network.head.weight, 0.0)
+    torch.nn.init.constant_(network.head.bias, 0.0)
+    refinement = SetRefinement(component_weight=1.0)
+    prior = SafetyPrior("constant", benign_mean=0.0, scoring_shift=12.0, scoring_shift_taper=(0.2, 0.4),
+                        confident_at=4.0, confident_taper=(0.15, 0.25))
+    plain = SetPosterior(network, SafetyPrior("constant", benign_mean=0.0), bank, k=1).eval()
+    scored = SetPosterior(network, prior, bank, k=1, refinement=refinement).eval()
+    with torch.no_grad():
+        logit = plain.score(prompts, responses).mu
+        result = scored.score_set(prompts, responses, joint)
+    assert result.scoring_shift == pytest.approx(12.0) and prior.set_shift(result.expected_harmful_fraction) == 0.0
+    first_pass = refinement.correction(logit, 0.0, prompts, joint)
+    assert not torch.allclose(first_pass, refinement.correction(logit, 12.0, prompts, joint))
+    torch.testing.assert_close(result.posterior.mu, logit + first_pass + 12.0)
+
+
 def test_scoring_shift_tapers_off_on_sets_the_posterior_calls_mostly_harmful():
     """By hand: full shift up to the taper's low end, none from its high end, linear between; at scoring, a set
     whose rows all look harmful keeps its logits and one whose rows all look benign gets the whole shift."""
