@@ -144,7 +144,8 @@ def test_lower_layer_cache_gives_the_same_losses_and_gradients_and_skips_the_fro
 def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
     """A model config written before the answer's density ratio, the scoring evidence or the prompt's mean
     contrast lacks their keys; a checkpoint's scheduler entry written before the set's evidence (or the
-    refinement) was stored lacks `evidence` (`refinement`)."""
+    refinement) was stored lacks `evidence` (`refinement`), and one written before the confident taper lacks its
+    prior keys."""
     from omegaconf import OmegaConf
 
     from scheduler.features import SetEvidence
@@ -157,7 +158,7 @@ def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
                                           "prompt_contrast_weight": 4.0, "joint_contrast_weight": 4.0,
                                           "joint_at_scoring_only": True}
     assert refinement_config(model_cfg) == {"neighbour_k": 10, "neighbour_weight": 0.4, "component_weight": 20.0,
-                                            "component_min_mass": 0.0}
+                                            "component_min_mass": 2.0}
     for key in ("response_density_ratio_weight", "scoring_evidence_weight", "prompt_contrast_weight", "joint_contrast_weight",
                 "joint_contrast_at_scoring_only", "refinement"):
         del model_cfg[key]
@@ -170,6 +171,10 @@ def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
     old = build_posterior(old_entry, bank)
     assert old.evidence == SetEvidence() and old.refinement == SetRefinement()
     assert old.prior.scoring_shift == 0.0  # written before the scoring shift
+    # written before the confident taper: the first pass's tapered shift is final, as it was
+    previous = build_posterior({**old_entry, "prior": {"kind": "alignment", "scoring_shift": 12.0,
+                                                       "scoring_shift_taper": [0.2, 0.4]}}, bank)
+    assert previous.prior.confident_taper is None and previous.prior.final_shift(torch.zeros(3), 5.0) == 5.0
     # written before the joint embedding: no bank_joint in the state; it loads and scores without one
     assert "bank_joint" not in old.state_dict()
     reloaded = build_posterior(old_entry, AlignmentBank(torch.eye(4)[:2], torch.eye(4)[2:]))
