@@ -4,12 +4,11 @@ and a smoke run of `python -m scheduler.evaluate` on tiny models."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ACCELERATORS, run_script, train_overrides, write_jsonl
+from conftest import ACCELERATORS, ROOT, run_script, train_overrides, write_jsonl
 from hydra import compose, initialize_config_dir
 from test_module import fit
 
@@ -24,8 +23,6 @@ from scheduler.network import ScalarNetwork, SetPosterior
 from scheduler.prior import SafetyPrior
 from scheduler.training import CONFIG_DIR, register_resolvers
 from scheduler.transforms import posterior_weights
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_refusal_judge_reads_the_opening_of_an_answer():
