@@ -203,9 +203,9 @@ class SetPosterior(nn.Module):
             energy = self.evidence.scoring_weight * self.set_energy(prompts, responses, relation, joint, scoring=True)
             posterior = Posterior(posterior.mu - energy, posterior.sigma, posterior.prior_mean)
         harmful_fraction = expected_harmful_fraction(posterior)
-        first_shift = self.prior.set_shift(harmful_fraction) if self.prior.scoring_shift else 0.0
+        first_shift = self.prior.set_shift(harmful_fraction)
         logit = posterior.moments().mu
-        shift = self.prior.final_shift(logit, first_shift) if self.prior.scoring_shift else 0.0
+        shift = self.prior.final_shift(logit, first_shift)
         correction = self.refinement.correction(logit, first_shift, prompts, joint)
         posterior = Posterior(posterior.mu + correction, posterior.sigma, posterior.prior_mean)
         return ScoredSet(Posterior(posterior.mu + shift, posterior.sigma, posterior.prior_mean + shift),
