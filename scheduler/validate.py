@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from scheduler.baselines import SupervisedFilter, alignment_lookup
-from scheduler.data.attacks import FRESH_FRAMES, UNSEEN_FRAMES, disguise, disguise_share, wrap_answers
+from scheduler.data.attacks import BLIND_FRAMES, FRESH_FRAMES, UNSEEN_FRAMES, disguise, disguise_share, wrap_answers
 from scheduler.data.datamodule import EmbeddedSet, SetBatch, embed_sets
 from scheduler.data.io import DataError, Example, exit_on_data_error, iter_rows, write_rows, write_text
 from scheduler.data.mixing import (HARMFUL, FineTuningSet, build_training_sets, categories_of, mix, read_pool,
@@ -114,7 +114,7 @@ def eval_sets(fold: Fold, cfg: DictConfig, seed: int, rejected: set[str] = froze
     sentence (length says nothing), harmful requests in benign-looking frames, and harmful rows from other
     sources (when given); with a label audit, also the p = 0.1 set without the rows the audit rejects. Last, attack
     styles no design was chosen on: requests in unseen frames, answers wrapped in a disclaimer, requests in fresh
-    frames (a third family, for what is chosen on the second)."""
+    frames (a third family, for what is chosen on the second) and in blind frames (a fourth, for framed training)."""
     rng = random.Random(seed)
     sets = [mix(f"p={p}", fold.eval_benign, fold.eval_harmful, cfg.eval_set_size, p, rng) for p in cfg.eval_ratios]
     if rejected:
@@ -129,6 +129,8 @@ def eval_sets(fold: Fold, cfg: DictConfig, seed: int, rejected: set[str] = froze
                     cfg.eval_set_size, 0.1, rng))
     sets.append(mix("wrapped_answers", fold.eval_benign, wrap_answers(fold.eval_harmful), cfg.eval_set_size, 0.1, rng))
     sets.append(mix("fresh_frames", fold.eval_benign, disguise(fold.eval_harmful, FRESH_FRAMES, "fresh_frame"),
+                    cfg.eval_set_size, 0.1, rng))
+    sets.append(mix("blind_frames", fold.eval_benign, disguise(fold.eval_harmful, BLIND_FRAMES, "blind_frame"),
                     cfg.eval_set_size, 0.1, rng))
     return sets
 
@@ -212,7 +214,8 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
 
 
 # Columns beside p = 0.1: the same set with less label noise, then the shifted sets.
-EXTRA_SETS = ("p=0.1 audited", "disguised", "other_sources", "unseen_frames", "wrapped_answers", "fresh_frames")
+EXTRA_SETS = ("p=0.1 audited", "disguised", "other_sources", "unseen_frames", "wrapped_answers", "fresh_frames",
+              "blind_frames")
 
 
 def mean_or_nan(values: list[float]) -> float:

@@ -63,7 +63,7 @@ def test_eval_sets_have_the_requested_ratios_and_the_shifted_sets(folds_and_data
     cfg, folds, _ = folds_and_data
     sets = {s.name: s for s in eval_sets(folds[0], cfg, seed=1)}
     assert list(sets) == ["p=0.0", "p=0.05", "p=0.1", "p=0.3", "length_balanced", "disguised", "other_sources",
-                          "unseen_frames", "wrapped_answers", "fresh_frames"]
+                          "unseen_frames", "wrapped_answers", "fresh_frames", "blind_frames"]
     assert [sum(sets[f"p={p}"].labels) for p in (0.0, 0.05, 0.1, 0.3)] == [0, 1, 2, 6]
     assert first_sentence("Sure. Then do this. And that.") == "Sure."
     originals = {e.prompt: e.response for e in folds[0].eval_harmful}
@@ -78,16 +78,17 @@ def test_eval_sets_have_the_requested_ratios_and_the_shifted_sets(folds_and_data
 
 
 def test_unseen_frames_and_wrapped_answers_change_one_half_of_a_harmful_row(folds_and_data):
-    """The attack sets no design was chosen on: a new frame around the request (two families, none of the disguised
+    """The attack sets no design was chosen on: a new frame around the request (three families, none of the disguised
     set's frames nor each other's), or the compliant answer between an opener and a disclaimer; the other half stays
     as it was."""
-    from scheduler.data.attacks import DISGUISES, FRESH_FRAMES, UNSEEN_FRAMES
+    from scheduler.data.attacks import BLIND_FRAMES, DISGUISES, FRESH_FRAMES, UNSEEN_FRAMES
 
     cfg, folds, _ = folds_and_data
     sets = {s.name: s for s in eval_sets(folds[0], cfg, seed=1)}
     originals = {e.prompt: e.response for e in folds[0].eval_harmful}
     for name, frames, others in (("unseen_frames", UNSEEN_FRAMES, DISGUISES),
-                                 ("fresh_frames", FRESH_FRAMES, DISGUISES + UNSEEN_FRAMES)):
+                                 ("fresh_frames", FRESH_FRAMES, DISGUISES + UNSEEN_FRAMES),
+                                 ("blind_frames", BLIND_FRAMES, DISGUISES + UNSEEN_FRAMES + FRESH_FRAMES)):
         framed = [e for e in sets[name].examples if e.label == "harmful"]
         assert len(framed) == 2
         for e in framed:
@@ -291,9 +292,10 @@ def test_validation_command_end_to_end_and_each_design_reproduces_alone(data_dir
     table, results = run("[prior_only,default]", tmp_path / "both")
     assert {row["method"] for row in table} == {"prior_only", "default", "default@shift=0", "default@shift=9",
                                                 "alignment_lookup", "supervised_filter"}
-    assert len(results) == 4 * 6 * 9  # folds x methods x sets (4 ratios, length-balanced, four attack sets)
+    assert len(results) == 4 * 6 * 10  # folds x methods x sets (4 ratios, length-balanced, five attack sets)
     assert all(np.isfinite(row["auroc_unseen_frames_worst"]) and np.isfinite(row["auroc_wrapped_answers_mean"])
-               and np.isfinite(row["auroc_fresh_frames_worst"]) for row in table)
+               and np.isfinite(row["auroc_fresh_frames_worst"]) and np.isfinite(row["auroc_blind_frames_worst"])
+               for row in table)
     report = (tmp_path / "both" / "validation.md").read_text()
     assert report.count("| task:") >= 3
     assert "| p=0.05 | default |" in report and "| p=0.3 | supervised_filter |" in report
