@@ -116,22 +116,23 @@ def eval_sets(fold: Fold, cfg: DictConfig, seed: int, rejected: set[str] = froze
     styles no design was chosen on: requests in unseen frames, answers wrapped in a disclaimer, requests in fresh
     frames (a third family, for what is chosen on the second) and in blind frames (a fourth, for framed training)."""
     rng = random.Random(seed)
+
+    def shifted(name: str, harmful: list[Example]) -> FineTuningSet:
+        return mix(name, fold.eval_benign, harmful, cfg.eval_set_size, 0.1, rng)
+
+    def framed(name: str, frames: tuple[str, ...]) -> FineTuningSet:  # each row tagged "<family>_frame_<i>"
+        return shifted(name, disguise(fold.eval_harmful, frames, name.removesuffix("s")))
+
     sets = [mix(f"p={p}", fold.eval_benign, fold.eval_harmful, cfg.eval_set_size, p, rng) for p in cfg.eval_ratios]
     if rejected:
         sets.append(audited(next(s for s in sets if s.name == "p=0.1"), rejected))
     cut = [Example(e.prompt, first_sentence(e.response) if i % 2 else e.response, e.row)
            for i, e in enumerate(fold.eval_harmful)]
-    sets.append(mix("length_balanced", fold.eval_benign, cut, cfg.eval_set_size, 0.1, rng))
-    sets.append(mix("disguised", fold.eval_benign, disguise(fold.eval_harmful), cfg.eval_set_size, 0.1, rng))
+    sets += [shifted("length_balanced", cut), shifted("disguised", disguise(fold.eval_harmful))]
     if fold.other_harmful:
-        sets.append(mix("other_sources", fold.eval_benign, fold.other_harmful, cfg.eval_set_size, 0.1, rng))
-    sets.append(mix("unseen_frames", fold.eval_benign, disguise(fold.eval_harmful, UNSEEN_FRAMES, "unseen_frame"),
-                    cfg.eval_set_size, 0.1, rng))
-    sets.append(mix("wrapped_answers", fold.eval_benign, wrap_answers(fold.eval_harmful), cfg.eval_set_size, 0.1, rng))
-    sets.append(mix("fresh_frames", fold.eval_benign, disguise(fold.eval_harmful, FRESH_FRAMES, "fresh_frame"),
-                    cfg.eval_set_size, 0.1, rng))
-    sets.append(mix("blind_frames", fold.eval_benign, disguise(fold.eval_harmful, BLIND_FRAMES, "blind_frame"),
-                    cfg.eval_set_size, 0.1, rng))
+        sets.append(shifted("other_sources", fold.other_harmful))
+    sets += [framed("unseen_frames", UNSEEN_FRAMES), shifted("wrapped_answers", wrap_answers(fold.eval_harmful)),
+             framed("fresh_frames", FRESH_FRAMES), framed("blind_frames", BLIND_FRAMES)]
     return sets
 
 
