@@ -31,8 +31,10 @@ class AlignedLMStats:
 
     def __init__(self, lm: str, alignment: list[Example], steps: int = 60, batch_size: int = 8, lr: float = 1e-3,
                  lora_rank: int = 8, lora_top_layers: int | None = 6, max_prompt_tokens: int = 64,
-                 max_response_tokens: int = 32, refusal: str = DEFAULT_REFUSAL, precision: str = "auto", seed: int = 0):
+                 max_response_tokens: int = 32, refusal: str = DEFAULT_REFUSAL, precision: str = "auto", seed: int = 0,
+                 device: str = "cpu"):
         self.model, tokenizer = load_lm(lm, lora_rank=lora_rank, lora_alpha=2 * lora_rank, lora_top_layers=lora_top_layers)
+        self.model.to(device)
         self.evidence = LMEvidence(self.model, tokenizer, "none", refusal, max_prompt_tokens, max_response_tokens, precision)
         recipe = json.dumps([lm, [(e.prompt, e.response) for e in alignment], steps, batch_size, lr, lora_rank,
                              lora_top_layers, max_prompt_tokens, max_response_tokens, refusal, seed])
@@ -46,7 +48,7 @@ class AlignedLMStats:
 
         adapter_file = self.folder / "adapter.pt"
         if adapter_file.exists():
-            set_peft_model_state_dict(self.model, torch.load(adapter_file))
+            set_peft_model_state_dict(self.model, torch.load(adapter_file, map_location=self.evidence.device))
             return
         from peft import get_peft_model_state_dict
 

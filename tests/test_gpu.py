@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import requires_cuda, run_script, train_overrides
 
-from scheduler.data.io import Example
+from scheduler.data.io import Example, read_examples
 from scheduler.evidence import LMEvidence
 from scheduler.lm import load_lm
+from scheduler.lm_stats import AlignedLMStats
 
 pytestmark = [requires_cuda, pytest.mark.slow]
 
@@ -60,3 +61,22 @@ def test_lm_losses_and_gradients_on_gpu_match_the_cpu(tiny_lm_path):
     torch.testing.assert_close(bf16_loss, cpu_loss, rtol=0.02, atol=0.05)
     torch.testing.assert_close(bf16_energy, cpu_energy, rtol=0.02, atol=0.05)
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in bf16_grads)
+
+
+def test_the_alignment_adapter_trains_and_scores_on_gpu_as_on_the_cpu(data_dir, tiny_lm_path, tmp_path, monkeypatch):
+    """What `python -m scheduler.probe --device cuda` relies on; each device gets its own cache, so nothing is reused."""
+    alignment = read_examples(data_dir / "alignment.jsonl")
+    rows = read_examples(data_dir / "harmful.jsonl")[:6] + read_examples(data_dir / "benign_math.jsonl")[:6]
+
+    def statistics(device: str) -> dict:
+        monkeypatch.setenv("BDS_CACHE", str(tmp_path / device))
+        torch.manual_seed(0)  # the same LoRA initialisation on both
+        stats = AlignedLMStats(tiny_lm_path, alignment, steps=3, batch_size=4, lora_top_layers=2, precision="fp32",
+                               device=device)
+        assert stats.evidence.device.type == device
+        return stats.stats(rows)
+
+    cpu, gpu = statistics("cpu"), statistics("cuda")
+    for name in cpu:
+        assert gpu[name] == pytest.approx(cpu[name], rel=1e-3, abs=1e-3)
+    assert not cpu["refusal_lm"] == pytest.approx(cpu["refusal_base"], abs=1e-6)  # the adapter learnt something
