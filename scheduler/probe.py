@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> None:
                   else lm_scores(rows, alignment, args.lm, parse_adapter(spec), args.batch_size, args.device))
         results[spec] = {signal: per_task_auroc(rows, score) for signal, score in scores.items()}
         print(table({spec: results[spec]}), flush=True)
+        if args.out:  # after each adapter: a run stopped at a time limit keeps what it finished
+            write_text(json.dumps(results, indent=1), args.out)
     print("\nAUROC (harmful = positive), mean / worst over the benign tasks:\n" + table(results))
-    if args.out:
-        write_text(json.dumps(results, indent=1), args.out)
 
 
 if __name__ == "__main__":
