@@ -13,6 +13,7 @@ from tqdm import tqdm
 from scheduler.data.io import DataError, Example, iter_examples, write_rows
 from scheduler.metrics import detection_metrics
 from scheduler.embeddings import RowEmbeddings
+from scheduler.lexical import RowTexts
 from scheduler.scoring import NeuralScheduler, ScoreResult
 
 
@@ -96,7 +97,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     examples = read_all(input_path)  # fail on bad rows before spending time on the model
     scheduler = NeuralScheduler.load(checkpoint, scoring_shift=scoring_shift, scoring_shift_taper=scoring_shift_taper)
     embeddings = embed_in_chunks(scheduler, examples, chunk)
-    result = scheduler.score_embeddings(*embeddings)
+    result = scheduler.score_embeddings(*embeddings, texts=RowTexts.of(examples))
     write_rows(output_rows(examples, result), output_path)
     hist = plot_histogram(result.weight, output_path.with_suffix(".hist.png")) if histogram else None
     quantiles = dict(zip(["min", "q05", "q25", "median", "q75", "q95", "max"],

@@ -32,6 +32,7 @@ from scheduler.data.mixing import FineTuningSet, categories_of, mix, read_pool, 
 from scheduler.downstream import accuracy, finetune, generate
 from scheduler.evidence import LMEvidence
 from scheduler.judges import EmbeddingHarmJudge, RefusalJudge, agreement
+from scheduler.lexical import RowTexts
 from scheduler.metrics import detection_metrics
 from scheduler.plots import roc_curves, weight_distributions, weight_history
 from scheduler.scalar import ScalarBDS
@@ -121,7 +122,7 @@ class Methods:
         if self.scalar is not None:
             weights["scalar_bds"], self.histories[s.name] = self.scalar.run(s)
         for name, scheduler in self.schedulers.items():
-            weights[name] = scheduler.score_embeddings(s.prompts, s.responses, s.joint).weight
+            weights[name] = scheduler.score_embeddings(s.prompts, s.responses, s.joint, RowTexts.of(s.examples)).weight
         weights["supervised_filter"] = self.supervised.weights(s.prompts, s.responses)
         # A reference, not a method: what perfect knowledge of the labels would do (harmful rows get 0).
         labels = s.labels.numpy()
@@ -135,7 +136,7 @@ def measure_cost(cfg: DictConfig, methods: Methods, rows: list[Example]) -> dict
     cost = {"rows": len(rows)}
     for name, scheduler in methods.schedulers.items():
         start = time.perf_counter()
-        scheduler.score_embeddings(*scheduler.embed(rows, use_cache=False))
+        scheduler.score_embeddings(*scheduler.embed(rows, use_cache=False), texts=RowTexts.of(rows))
         cost[f"{name}_seconds"] = time.perf_counter() - start
     if methods.scalar is not None:
         prompts, responses, joint = methods.reference.embedder.embed_examples(rows)  # the scalar's evidence may read joint

@@ -22,6 +22,7 @@ from sklearn.metrics import roc_auc_score
 
 from scheduler.data.datamodule import SetBatch, joint_of
 from scheduler.evidence import LMEvidence
+from scheduler.lexical import RowTexts
 from scheduler.network import Posterior, SetPosterior
 from scheduler.transforms import get_transform, posterior_weights
 
@@ -131,7 +132,7 @@ class BDSModule(L.LightningModule):
 
     def validation_step(self, batch: SetBatch, batch_idx: int) -> None:
         posterior = self.posterior.score(batch.set.prompts.to(self.device), batch.set.responses.to(self.device),
-                                         joint_of(batch.set, self.device))
+                                         joint_of(batch.set, self.device), RowTexts.of(batch.set.examples))
         weights, _ = posterior_weights(posterior.mu, posterior.sigma, self.transform)
         labels = batch.set.labels.to(weights.device)
         metrics = {"val/mean_benign_weight": weights[labels == 0].mean()}

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from scheduler.features import N_RELATION_FEATURES, AlignmentBank, SetEvidence, relation_features, set_summary
+from scheduler.lexical import LexicalContrast, RowTexts
 from scheduler.prior import SafetyPrior
 from scheduler.refinement import SetRefinement
 
@@ -143,13 +144,18 @@ class SetPosterior(nn.Module):
     """Everything needed to turn one fine-tuning set's embeddings into per-sample posteriors."""
 
     def __init__(self, network: SchedulerNetwork, prior: SafetyPrior, bank: AlignmentBank, k: int = 10,
-                 evidence: SetEvidence = SetEvidence(), refinement: SetRefinement = SetRefinement()):
+                 evidence: SetEvidence = SetEvidence(), refinement: SetRefinement = SetRefinement(),
+                 lexical: LexicalContrast = LexicalContrast(), alignment_prompts: tuple[str, ...] = ()):
         super().__init__()
         self.network = network
         self.prior = prior
         self.k = k
         self.evidence = evidence
         self.refinement = refinement
+        self.lexical = lexical
+        self.alignment_prompts = tuple(alignment_prompts)  # the texts behind bank_prompts, for `lexical`
+        if lexical.weight and not self.alignment_prompts:
+            raise ValueError("a lexical contrast needs the alignment prompts' texts")
         self.register_buffer("bank_prompts", bank.prompts)
         self.register_buffer("bank_responses", bank.responses)
         self.register_buffer("bank_joint", bank.joint)  # None (not in the state dict) in checkpoints older than it
@@ -157,6 +163,11 @@ class SetPosterior(nn.Module):
     @property
     def bank(self) -> AlignmentBank:
         return AlignmentBank(self.bank_prompts, self.bank_responses, self.bank_joint)
+
+    @property
+    def reads_texts_at_scoring(self) -> bool:
+        """Whether `score_set` needs the rows' prompt texts (the lexical contrast)."""
+        return bool(self.lexical.weight)
 
     @property
     def reads_joint_at_scoring(self) -> bool:
@@ -181,7 +192,8 @@ class SetPosterior(nn.Module):
         relation = self.relation(prompts, responses) if relation is None else relation
         return self.evidence.energy(prompts, responses, relation, self.bank, self.k, self.prior.spread, joint, scoring)
 
-    def score(self, prompts: torch.Tensor, responses: torch.Tensor, joint: torch.Tensor | None = None) -> Posterior:
+    def score(self, prompts: torch.Tensor, responses: torch.Tensor, joint: torch.Tensor | None = None,
+              texts: RowTexts | None = None) -> Posterior:
         """The posterior a scored set gets: the network's, with the set's own evidence added to the logit.
 
         The network learned to predict the evidence of sets like its training sets; on a new set the
@@ -190,13 +202,15 @@ class SetPosterior(nn.Module):
         tasks, disguised requests and other sources better, at some cost in benign rows kept. The prior's
         scoring shift (a user's set is mostly benign, unless the set itself says otherwise: `SafetyPrior`)
         is then added to every row's prior mean and logit, after the rows are read against each other
-        (`SetRefinement`).
+        (`SetRefinement`), and the prompts' wording against the alignment set's (`LexicalContrast`) counts
+        against each row.
         """
-        return self.score_set(prompts, responses, joint).posterior
+        return self.score_set(prompts, responses, joint, texts).posterior
 
-    def score_set(self, prompts: torch.Tensor, responses: torch.Tensor, joint: torch.Tensor | None = None) -> ScoredSet:
+    def score_set(self, prompts: torch.Tensor, responses: torch.Tensor, joint: torch.Tensor | None = None,
+                  texts: RowTexts | None = None) -> ScoredSet:
         """`score`, with what it concluded about the whole set (`joint`: the rows' joint embeddings, when the
-        evidence uses them)."""
+        evidence uses them; `texts`: the rows' prompts and answers, when the lexical contrast is on)."""
         relation = self.relation(prompts, responses)
         posterior = self(prompts, responses, relation)
         if self.evidence.scoring_weight:
@@ -207,6 +221,11 @@ class SetPosterior(nn.Module):
         logit = posterior.moments().mu
         shift = self.prior.final_shift(logit, first_shift)
         correction = self.refinement.correction(logit, first_shift, prompts, joint)
+        if self.lexical.weight:
+            if texts is None or not len(texts.prompts) == len(texts.responses) == len(prompts):
+                raise ValueError("the lexical contrast needs one prompt and one answer text per row")
+            evidence = self.lexical.evidence(texts, self.alignment_prompts).to(correction)
+            correction = correction - self.lexical.weight * evidence
         posterior = Posterior(posterior.mu + correction, posterior.sigma, posterior.prior_mean)
         return ScoredSet(Posterior(posterior.mu + shift, posterior.sigma, posterior.prior_mean + shift),
                          harmful_fraction, shift)

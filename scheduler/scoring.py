@@ -18,6 +18,7 @@ from scheduler.baselines import alignment_lookup
 from scheduler.data.io import DataError, Example, examples_from_rows
 from scheduler.embeddings import Embedder, RowEmbeddings
 from scheduler.features import AlignmentBank, SetEvidence
+from scheduler.lexical import LexicalContrast, RowTexts
 from scheduler.network import SetPosterior, build_network
 from scheduler.prior import SafetyPrior, check_taper
 from scheduler.refinement import SetRefinement
@@ -47,9 +48,13 @@ def build_posterior(config: dict[str, Any], bank: AlignmentBank) -> SetPosterior
     """The SetPosterior described by a checkpoint's `scheduler` entry (also used at training time)."""
     network = build_network(config["embed_dim"], **config["network"])
     prior = SafetyPrior(**config["prior"])
-    # checkpoints written before the set's evidence (or the refinement) was stored score without it
+    # checkpoints written before the set's evidence (or the refinement, or the lexical contrast) was stored score without it
+    lexical = dict(config.get("lexical", {}))
+    if "ngram_range" in lexical:
+        lexical["ngram_range"] = tuple(lexical["ngram_range"])
     return SetPosterior(network, prior, bank, k=config["k"], evidence=SetEvidence(**config.get("evidence", {})),
-                        refinement=SetRefinement(**config.get("refinement", {})))
+                        refinement=SetRefinement(**config.get("refinement", {})), lexical=LexicalContrast(**lexical),
+                        alignment_prompts=tuple(config.get("alignment_prompts", ())))
 
 
 def checked_taper(taper: Any) -> list[float]:
@@ -119,12 +124,20 @@ class NeuralScheduler:
         """Whether scoring reads the joint embeddings (checkpoints older than them, or designs without, do not)."""
         return self.posterior.reads_joint_at_scoring
 
+    @property
+    def needs_texts(self) -> bool:
+        """Whether scoring reads the rows' prompt texts as well as their embeddings (the lexical contrast)."""
+        return self.posterior.reads_texts_at_scoring
+
     def embed(self, examples: Sequence[Example], use_cache: bool = True) -> RowEmbeddings:
         return self.embedder.embed_examples(examples, use_cache, joint=self.needs_joint)
 
     @torch.no_grad()
-    def score_embeddings(self, prompts: torch.Tensor, responses: torch.Tensor, joint: torch.Tensor | None = None) -> ScoreResult:
-        scored = self.posterior.score_set(prompts, responses, joint)
+    def score_embeddings(self, prompts: torch.Tensor, responses: torch.Tensor, joint: torch.Tensor | None = None,
+                         texts: RowTexts | None = None) -> ScoreResult:
+        """Weights for one set from its rows' embeddings (`texts`: the rows' prompts and answers, which the lexical
+        contrast reads; `needs_texts`)."""
+        scored = self.posterior.score_set(prompts, responses, joint, texts)
         posterior = scored.posterior
         weight, std = posterior_weights(posterior.mu, posterior.sigma, self.transform)
         moments = posterior.moments()
@@ -140,4 +153,4 @@ class NeuralScheduler:
     def score(self, rows: Iterable[Any]) -> ScoreResult:
         """Weights for rows given as dicts of any supported schema or as plain strings; the rows form one set."""
         examples = rows if isinstance(rows, list) and rows and isinstance(rows[0], Example) else examples_from_rows(list(rows))
-        return self.score_embeddings(*self.embed(examples))
+        return self.score_embeddings(*self.embed(examples), texts=RowTexts.of(examples))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,17 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
 
 
-def scheduler_config(model_cfg: DictConfig, embedder: Embedder, full_cfg: DictConfig | None = None) -> dict[str, Any]:
-    """What the checkpoint must carry to rebuild and use the network without the training config."""
+def scheduler_config(model_cfg: DictConfig, embedder: Embedder, alignment_prompts: Sequence[str],
+                     full_cfg: DictConfig | None = None) -> dict[str, Any]:
+    """What the checkpoint must carry to rebuild and use the network without the training config (the alignment
+    prompts' texts only when the lexical contrast reads them)."""
+    lexical = lexical_config(model_cfg)
     return {"embedder": embedder.name, "embedder_max_seq_length": embedder.max_seq_length,
             "embedder_joint_max_seq_length": embedder.joint_max_seq_length, "embed_dim": embedder.dim,
             "k": model_cfg.k, "network": OmegaConf.to_container(model_cfg.network),
             "prior": OmegaConf.to_container(model_cfg.prior), "evidence": evidence_config(model_cfg),
-            "refinement": refinement_config(model_cfg), "signal": model_cfg.signal,
+            "refinement": refinement_config(model_cfg), "lexical": lexical,
+            "alignment_prompts": list(alignment_prompts) if lexical.get("weight") else [], "signal": model_cfg.signal,
             "transform": model_cfg.transform, "family": "gaussian-logit",
             "config": OmegaConf.to_container(full_cfg, resolve=True) if full_cfg is not None else None}
 
@@ -60,6 +65,11 @@ def evidence_config(model_cfg: DictConfig) -> dict[str, float]:
 def refinement_config(model_cfg: DictConfig) -> dict[str, Any]:
     """The `SetRefinement` of a model config (absent from configs older than it: off)."""
     return OmegaConf.to_container(model_cfg.refinement) if model_cfg.get("refinement") else {}
+
+
+def lexical_config(model_cfg: DictConfig) -> dict[str, Any]:
+    """The `LexicalContrast` of a model config (absent from configs older than it: off)."""
+    return OmegaConf.to_container(model_cfg.lexical) if model_cfg.get("lexical") else {}
 
 
 def reads_joint_in_training(model_cfg: DictConfig) -> bool:
@@ -109,7 +119,7 @@ def build_datamodule(cfg: DictConfig, embedder: Embedder) -> FineTuningSetsDataM
 
 def build_module(cfg: DictConfig, datamodule: FineTuningSetsDataModule) -> BDSModule:
     """The BDSModule for a training run: calibrated posterior plus, unless disabled, the co-trained LM."""
-    config = scheduler_config(cfg.model, datamodule.embedder, cfg)
+    config = scheduler_config(cfg.model, datamodule.embedder, [e.prompt for e in datamodule.alignment], cfg)
     training_prompts = torch.cat([s.prompts for s in datamodule.train_sets])
     posterior = calibrated_posterior(config, AlignmentBank(*datamodule.alignment_embeddings()), training_prompts)
     evidence = None

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from scheduler.baselines import SupervisedFilter, alignment_lookup
 from scheduler.data.attacks import BLIND_FRAMES, FRESH_FRAMES, UNSEEN_FRAMES, disguise, disguise_share, wrap_answers
 from scheduler.data.datamodule import EmbeddedSet, SetBatch, embed_sets
+from scheduler.lexical import RowTexts
 from scheduler.data.io import DataError, Example, exit_on_data_error, iter_rows, write_rows, write_text
 from scheduler.data.mixing import (HARMFUL, FineTuningSet, build_training_sets, categories_of, mix, read_pool,
                                    read_tasks, resolve_path, split_by_category)
@@ -143,10 +144,10 @@ def fill_energy(module, sets: list[EmbeddedSet], stats: AlignedLMStats | None, s
         module.energy_bank[s.row_ids] = torch.as_tensor(signal_from_stats(stats.stats(s.examples), signal), dtype=torch.float32)
 
 
-def train_network(design: DictConfig, embedder: Embedder, bank: AlignmentBank, train_sets: list[EmbeddedSet],
-                  stats: AlignedLMStats | None, cfg: DictConfig):
+def train_network(design: DictConfig, embedder: Embedder, bank: AlignmentBank, alignment_prompts: list[str],
+                  train_sets: list[EmbeddedSet], stats: AlignedLMStats | None, cfg: DictConfig):
     """The BDS network objective on cached LM evidence (no LM in the loop), the same module as training."""
-    config = scheduler_config(design, embedder)
+    config = scheduler_config(design, embedder, alignment_prompts)
     posterior = calibrated_posterior(config, bank, torch.cat([s.prompts for s in train_sets]))
     module = make_module(design, posterior, None, n_rows=sum(len(s.examples) for s in train_sets))
     fill_energy(module, train_sets, stats, design.signal)
@@ -159,16 +160,17 @@ def train_network(design: DictConfig, embedder: Embedder, bank: AlignmentBank, t
 
 def score_design(posterior, transform: str, s: EmbeddedSet) -> np.ndarray:
     with torch.no_grad():
-        post = posterior.score(s.prompts, s.responses, s.joint)
+        post = posterior.score(s.prompts, s.responses, s.joint, RowTexts.of(s.examples))
         return posterior_weights(post.mu, post.sigma, transform)[0].numpy()
 
 
 def at_shift(posterior: SetPosterior, shift: float) -> SetPosterior:
-    """The same trained network, bank, evidence and refinement scored at another operating point (the prior's
+    """The same trained network, bank, evidence, refinement and lexical contrast scored at another operating point (the prior's
     `scoring_shift`); only the prior is copied."""
     prior = copy.deepcopy(posterior.prior)
     prior.scoring_shift = shift
-    return SetPosterior(posterior.network, prior, posterior.bank, posterior.k, posterior.evidence, posterior.refinement)
+    return SetPosterior(posterior.network, prior, posterior.bank, posterior.k, posterior.evidence, posterior.refinement,
+                        posterior.lexical, posterior.alignment_prompts)
 
 
 def operating_point_names(cfg: DictConfig, designs: dict[str, DictConfig]) -> dict[str, float]:
@@ -186,8 +188,8 @@ def framed_training_rows(fold: Fold, fraction: float, benign: bool) -> tuple[dic
     return tasks, disguise_share(fold.train_harmful, fraction)
 
 
-def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBank, stats: AlignedLMStats | None,
-             designs: dict[str, DictConfig], rejected: set[str] = frozenset()) -> list[dict]:
+def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBank, alignment_prompts: list[str],
+             stats: AlignedLMStats | None, designs: dict[str, DictConfig], rejected: set[str] = frozenset()) -> list[dict]:
     train_tasks, train_harmful = framed_training_rows(fold, cfg.train_disguise_fraction, cfg.train_disguise_benign)
     train = build_training_sets(train_tasks, train_harmful, cfg.n_train_sets, cfg.set_sizes, cfg.harmful_ratios,
                                 cfg.seed)
@@ -199,7 +201,7 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
         # Every design starts from the same random state: a design's numbers do not depend on which designs
         # ran before it (`only=` reproduces the full run), and designs are compared on the same draws.
         L.seed_everything(cfg.seed, verbose=False)
-        posterior, transform = train_network(design, embedder, bank, train_sets, stats, cfg)
+        posterior, transform = train_network(design, embedder, bank, alignment_prompts, train_sets, stats, cfg)
         scorers[name] = lambda s, p=posterior, t=transform: score_design(p, t, s)
         if name == cfg.operating_points.design:  # other operating points of the same network, not retrained
             for method, shift in operating_point_names(cfg, designs).items():
@@ -320,7 +322,7 @@ def validate(cfg: DictConfig) -> list[dict]:
     results = []
     for fold in make_folds(cfg, tasks, harmful, other_harmful):
         log.info("fold %s", fold.name)
-        results += run_fold(fold, cfg, embedder, bank, stats, designs, rejected)
+        results += run_fold(fold, cfg, embedder, bank, [e.prompt for e in alignment], stats, designs, rejected)
     out = Path(cfg.output_dir)
     write_rows(results, out / "validation_results.jsonl")  # first: the hour of scoring is kept whatever follows
     shifts = operating_point_names(cfg, designs)

@@ -10,6 +10,7 @@ from conftest import run_script, train_overrides
 from omegaconf import OmegaConf
 
 from scheduler import NeuralScheduler
+from scheduler.lexical import LexicalContrast, RowTexts
 from scheduler.refinement import SetRefinement
 from scheduler.training import CONFIG_DIR
 
@@ -91,9 +92,28 @@ def test_checkpoint_loads_in_python_and_scores_any_schema(trained):
     np.testing.assert_allclose(result.weight, again.weight)
 
 
+def test_checkpoint_carries_the_alignment_prompts_that_the_lexical_contrast_reads(trained, data_dir):
+    """The default scores with the lexical contrast, so the checkpoint holds the alignment prompts' texts; scoring
+    rows in Python and scoring their embeddings with the same texts agree, and without the texts it refuses."""
+    from scheduler.data.io import examples_from_rows
+
+    scheduler = NeuralScheduler.load(trained / "scheduler.ckpt")
+    alignment = [json.loads(line)["prompt"] for line in (data_dir / "alignment.jsonl").read_text().splitlines()]
+    assert scheduler.needs_texts and list(scheduler.posterior.alignment_prompts) == alignment
+    rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
+    examples = examples_from_rows(rows)
+    embedded = scheduler.embed(examples)
+    direct = scheduler.score_embeddings(*embedded, texts=RowTexts.of(examples))
+    np.testing.assert_allclose(scheduler.score(rows).weight, direct.weight)
+    with pytest.raises(ValueError, match="lexical contrast needs one prompt and one answer text per row"):
+        scheduler.score_embeddings(*embedded)
+
+
 def without_refinement(scheduler: NeuralScheduler) -> NeuralScheduler:
-    """The loaded scheduler without its second look at the set, whose harmful component reads the shifted logits."""
+    """The loaded scheduler without what it adds after the shift is set: its second look at the set (whose harmful
+    component reads the shifted logits) and the lexical contrast."""
     scheduler.posterior.refinement = SetRefinement()
+    scheduler.posterior.lexical = LexicalContrast()
     return scheduler
 
 

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from scheduler.data.datamodule import EmbeddedSet, SetBatch
 from scheduler.data.io import Example
 from scheduler.features import AlignmentBank
+from scheduler.lexical import RowTexts
 from scheduler.module import BDSModule
 from scheduler.network import SchedulerNetwork, SetPosterior
 from scheduler.prior import SafetyPrior
@@ -108,7 +109,7 @@ def test_joint_text_is_embedded_only_for_the_sets_whose_evidence_reads_it(data_d
     module = build_module(default, datamodule)
     fit(module, list(datamodule.train_dataloader()), steps=4)
     val = datamodule.val_sets[0]
-    assert torch.isfinite(module.posterior.score(val.prompts, val.responses, val.joint).mu).all()
+    assert torch.isfinite(module.posterior.score(val.prompts, val.responses, val.joint, RowTexts.of(val.examples)).mu).all()
 
 
 def test_lower_layer_cache_gives_the_same_losses_and_gradients_and_skips_the_frozen_layers(tiny_lm_path):
@@ -149,9 +150,10 @@ def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
     from omegaconf import OmegaConf
 
     from scheduler.features import SetEvidence
+    from scheduler.lexical import LexicalContrast
     from scheduler.refinement import SetRefinement
     from scheduler.scoring import build_posterior
-    from scheduler.training import evidence_config, refinement_config
+    from scheduler.training import evidence_config, lexical_config, refinement_config
 
     model_cfg = OmegaConf.load(CONFIG_DIR / "model" / "default.yaml")
     assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 1.0, "scoring_weight": 1.0,
@@ -159,17 +161,18 @@ def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
                                           "joint_at_scoring_only": True}
     assert refinement_config(model_cfg) == {"neighbour_k": 10, "neighbour_weight": 0.4, "component_weight": 20.0,
                                             "component_min_mass": 2.0}
+    assert lexical_config(model_cfg) == {"weight": 1.5, "folds": 5, "ngram_range": [3, 5], "regularisation": 1.0}
     for key in ("response_density_ratio_weight", "scoring_evidence_weight", "prompt_contrast_weight", "joint_contrast_weight",
-                "joint_contrast_at_scoring_only", "refinement"):
+                "joint_contrast_at_scoring_only", "refinement", "lexical"):
         del model_cfg[key]
     assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 0.0, "scoring_weight": 0.0,
                                           "prompt_contrast_weight": 0.0, "joint_contrast_weight": 0.0,
                                           "joint_at_scoring_only": False}
-    assert refinement_config(model_cfg) == {}
+    assert refinement_config(model_cfg) == {} and lexical_config(model_cfg) == {}
     bank = AlignmentBank(torch.eye(4)[:2], torch.eye(4)[2:])
     old_entry = {"embed_dim": 4, "network": {"hidden": 8}, "prior": {"kind": "alignment"}, "k": 1}
     old = build_posterior(old_entry, bank)
-    assert old.evidence == SetEvidence() and old.refinement == SetRefinement()
+    assert old.evidence == SetEvidence() and old.refinement == SetRefinement() and old.lexical == LexicalContrast()
     assert old.prior.scoring_shift == 0.0  # written before the scoring shift
     # written before the confident taper: the first pass's tapered shift is final, as it was
     previous = build_posterior({**old_entry, "prior": {"kind": "alignment", "scoring_shift": 12.0,
