@@ -166,7 +166,7 @@ class SetPosterior(nn.Module):
 
     @property
     def reads_texts_at_scoring(self) -> bool:
-        """Whether `score_set` needs the rows' prompt texts (the lexical contrast)."""
+        """Whether `score_set` needs the rows' prompt and answer texts (the lexical contrast)."""
         return bool(self.lexical.weight)
 
     @property
@@ -202,8 +202,8 @@ class SetPosterior(nn.Module):
         tasks, disguised requests and other sources better, at some cost in benign rows kept. The prior's
         scoring shift (a user's set is mostly benign, unless the set itself says otherwise: `SafetyPrior`)
         is then added to every row's prior mean and logit, after the rows are read against each other
-        (`SetRefinement`), and the prompts' wording against the alignment set's (`LexicalContrast`) counts
-        against each row.
+        (`SetRefinement`), and each answer's wording, read by a model of the alignment prompts' wording
+        (`LexicalContrast`), counts against its row.
         """
         return self.score_set(prompts, responses, joint, texts).posterior
 

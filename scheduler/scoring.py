@@ -126,7 +126,7 @@ class NeuralScheduler:
 
     @property
     def needs_texts(self) -> bool:
-        """Whether scoring reads the rows' prompt texts as well as their embeddings (the lexical contrast)."""
+        """Whether scoring reads the rows' prompt and answer texts as well as their embeddings (the lexical contrast)."""
         return self.posterior.reads_texts_at_scoring
 
     def embed(self, examples: Sequence[Example], use_cache: bool = True) -> RowEmbeddings:
