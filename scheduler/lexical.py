@@ -71,8 +71,8 @@ def cross_fitted_log_odds(prompts: tuple[str, ...], responses: tuple[str, ...], 
     order = np.random.default_rng(0).permutation(len(prompts))
     for part in np.array_split(order, folds):
         rest = np.setdiff1d(order, part)
-        labels = np.r_[np.ones(alignment.shape[0]), np.zeros(len(rest))]
+        is_alignment = np.r_[np.ones(alignment.shape[0]), np.zeros(len(rest))]  # membership, not harm
         model = LogisticRegression(C=regularisation, max_iter=3000, class_weight="balanced")
-        log_odds[part] = model.fit(vstack([alignment, rows[rest]]), labels).decision_function(answers[part])
+        log_odds[part] = model.fit(vstack([alignment, rows[rest]]), is_alignment).decision_function(answers[part])
     spread = log_odds.std()
     return (log_odds - np.median(log_odds)) / spread if spread > 0 else np.zeros(len(prompts))
