@@ -165,8 +165,8 @@ def score_design(posterior, transform: str, s: EmbeddedSet) -> np.ndarray:
 
 
 def at_shift(posterior: SetPosterior, shift: float) -> SetPosterior:
-    """The same trained network, bank, evidence, refinement and lexical contrast scored at another operating point (the prior's
-    `scoring_shift`); only the prior is copied."""
+    """The same trained network, bank, evidence, refinement and lexical contrast scored at another operating point
+    (the prior's `scoring_shift`); only the prior is copied."""
     prior = copy.deepcopy(posterior.prior)
     prior.scoring_shift = shift
     return SetPosterior(posterior.network, prior, posterior.bank, posterior.k, posterior.evidence, posterior.refinement,
