@@ -51,10 +51,13 @@ class LexicalContrast:
     ngram_range: tuple[int, int] = (3, 5)
     regularisation: float = 1.0
 
+    def __post_init__(self):  # configs and checkpoints give the range as a list
+        object.__setattr__(self, "ngram_range", tuple(self.ngram_range))
+
     def evidence(self, texts: RowTexts, alignment_prompts: Sequence[str]) -> torch.Tensor:
         """Each answer's standardised log-odds of reading like an alignment prompt rather than a prompt of its set (N,)."""
         return torch.as_tensor(cross_fitted_log_odds(tuple(texts.prompts), tuple(texts.responses),
-                                                     tuple(alignment_prompts), self.folds, tuple(self.ngram_range),
+                                                     tuple(alignment_prompts), self.folds, self.ngram_range,
                                                      self.regularisation), dtype=torch.float32)
 
 

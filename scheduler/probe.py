@@ -6,8 +6,8 @@ the same fixed rows with each LM signal of `scheduler.evidence`, and prints AURO
 task against three kinds of harmful rows, next to the alignment look-up on the same rows. No label reaches an
 adapter: it learns the alignment set only.
 
-    python -m scheduler.probe --adapters 60:6 2000:all --device cuda --no-lookup   # LM signals, on a GPU
-    python -m scheduler.probe --adapters lookup                                     # the look-up, on a CPU
+    python -m scheduler.probe --adapters 60:6 2000:all --device cuda   # LM signals, on a GPU
+    python -m scheduler.probe --adapters lookup                        # the look-up, on a CPU
 """
 
 from __future__ import annotations

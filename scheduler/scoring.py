@@ -49,11 +49,9 @@ def build_posterior(config: dict[str, Any], bank: AlignmentBank) -> SetPosterior
     network = build_network(config["embed_dim"], **config["network"])
     prior = SafetyPrior(**config["prior"])
     # checkpoints written before the set's evidence (or the refinement, or the lexical contrast) was stored score without it
-    lexical = dict(config.get("lexical", {}))
-    if "ngram_range" in lexical:
-        lexical["ngram_range"] = tuple(lexical["ngram_range"])
     return SetPosterior(network, prior, bank, k=config["k"], evidence=SetEvidence(**config.get("evidence", {})),
-                        refinement=SetRefinement(**config.get("refinement", {})), lexical=LexicalContrast(**lexical),
+                        refinement=SetRefinement(**config.get("refinement", {})),
+                        lexical=LexicalContrast(**config.get("lexical", {})),
                         alignment_prompts=tuple(config.get("alignment_prompts", ())))
 
 

@@ -33,13 +33,13 @@ from torch.utils.data import DataLoader
 from scheduler.baselines import SupervisedFilter, alignment_lookup
 from scheduler.data.attacks import BLIND_FRAMES, FRESH_FRAMES, UNSEEN_FRAMES, disguise, disguise_share, wrap_answers
 from scheduler.data.datamodule import EmbeddedSet, SetBatch, embed_sets
-from scheduler.lexical import RowTexts
 from scheduler.data.io import DataError, Example, exit_on_data_error, iter_rows, write_rows, write_text
 from scheduler.data.mixing import (HARMFUL, FineTuningSet, build_training_sets, categories_of, mix, read_pool,
                                    read_tasks, resolve_path, split_by_category)
 from scheduler.embeddings import Embedder
 from scheduler.features import AlignmentBank
 from scheduler.evidence import signal_from_stats
+from scheduler.lexical import RowTexts
 from scheduler.lm_stats import AlignedLMStats
 from scheduler.metrics import detection_metrics
 from scheduler.network import SetPosterior
