@@ -41,12 +41,12 @@ def scheduler_config(model_cfg: DictConfig, embedder: Embedder, alignment_prompt
                      full_cfg: DictConfig | None = None) -> dict[str, Any]:
     """What the checkpoint must carry to rebuild and use the network without the training config (the alignment
     prompts' texts only when the lexical contrast reads them)."""
-    lexical = lexical_config(model_cfg)
+    lexical = optional_section(model_cfg, "lexical")
     return {"embedder": embedder.name, "embedder_max_seq_length": embedder.max_seq_length,
             "embedder_joint_max_seq_length": embedder.joint_max_seq_length, "embed_dim": embedder.dim,
             "k": model_cfg.k, "network": OmegaConf.to_container(model_cfg.network),
             "prior": OmegaConf.to_container(model_cfg.prior), "evidence": evidence_config(model_cfg),
-            "refinement": refinement_config(model_cfg), "lexical": lexical,
+            "refinement": optional_section(model_cfg, "refinement"), "lexical": lexical,
             "alignment_prompts": list(alignment_prompts) if lexical.get("weight") else [], "signal": model_cfg.signal,
             "transform": model_cfg.transform, "family": "gaussian-logit",
             "config": OmegaConf.to_container(full_cfg, resolve=True) if full_cfg is not None else None}
@@ -62,14 +62,10 @@ def evidence_config(model_cfg: DictConfig) -> dict[str, float]:
             "joint_at_scoring_only": bool(model_cfg.get("joint_contrast_at_scoring_only", False))}
 
 
-def refinement_config(model_cfg: DictConfig) -> dict[str, Any]:
-    """The `SetRefinement` of a model config (absent from configs older than it: off)."""
-    return OmegaConf.to_container(model_cfg.refinement) if model_cfg.get("refinement") else {}
-
-
-def lexical_config(model_cfg: DictConfig) -> dict[str, Any]:
-    """The `LexicalContrast` of a model config (absent from configs older than it: off)."""
-    return OmegaConf.to_container(model_cfg.lexical) if model_cfg.get("lexical") else {}
+def optional_section(model_cfg: DictConfig, key: str) -> dict[str, Any]:
+    """A scoring-only section of a model config (`refinement`, `lexical`); absent from configs older than it: {}
+    (its defaults, which are off)."""
+    return OmegaConf.to_container(model_cfg[key]) if model_cfg.get(key) else {}
 
 
 def reads_joint_in_training(model_cfg: DictConfig) -> bool:
@@ -79,7 +75,7 @@ def reads_joint_in_training(model_cfg: DictConfig) -> bool:
 
 def reads_joint_at_scoring(model_cfg: DictConfig) -> bool:
     """Whether a scored set needs its rows' joint embeddings (a second, longer encoder pass)."""
-    return scoring_reads_joint(SetEvidence(**evidence_config(model_cfg)), SetRefinement(**refinement_config(model_cfg)))
+    return scoring_reads_joint(SetEvidence(**evidence_config(model_cfg)), SetRefinement(**optional_section(model_cfg, "refinement")))
 
 
 def calibrate_prior(prior: SafetyPrior, bank: AlignmentBank, training_prompts: torch.Tensor, k: int) -> SafetyPrior:
