@@ -319,10 +319,11 @@ def validate(cfg: DictConfig) -> list[dict]:
                if not cfg.only or name in cfg.only}
     needs_lm = any(d.signal != "none" for d in designs.values())
     stats = AlignedLMStats(cfg.lm.name_or_path, alignment, **cfg.lm.adapter) if needs_lm else None
+    alignment_prompts = [e.prompt for e in alignment]
     results = []
     for fold in make_folds(cfg, tasks, harmful, other_harmful):
         log.info("fold %s", fold.name)
-        results += run_fold(fold, cfg, embedder, bank, [e.prompt for e in alignment], stats, designs, rejected)
+        results += run_fold(fold, cfg, embedder, bank, alignment_prompts, stats, designs, rejected)
     out = Path(cfg.output_dir)
     write_rows(results, out / "validation_results.jsonl")  # first: the hour of scoring is kept whatever follows
     shifts = operating_point_names(cfg, designs)
