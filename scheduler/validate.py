@@ -189,7 +189,9 @@ def framed_training_rows(fold: Fold, fraction: float, benign: bool) -> tuple[dic
 
 
 def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBank, alignment_prompts: list[str],
-             stats: AlignedLMStats | None, designs: dict[str, DictConfig], rejected: set[str] = frozenset()) -> list[dict]:
+             stats: AlignedLMStats | None, designs: dict[str, DictConfig],
+             rejected: set[str] = frozenset()) -> tuple[list[dict], list[tuple[list[Example], np.ndarray]]]:
+    """Metrics per evaluation set and method, and beside each the rows and weights behind it."""
     train_tasks, train_harmful = framed_training_rows(fold, cfg.train_disguise_fraction, cfg.train_disguise_benign)
     train = build_training_sets(train_tasks, train_harmful, cfg.n_train_sets, cfg.set_sizes, cfg.harmful_ratios,
                                 cfg.seed)
@@ -212,8 +214,20 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
     pool_embedded = embed_sets([FineTuningSet("pool", pool)], embedder, joint=False)[0]
     supervised = SupervisedFilter().fit(pool_embedded.prompts, pool_embedded.responses, pool_embedded.labels.numpy())
     scorers["supervised_filter"] = lambda s: supervised.weights(s.prompts, s.responses)
-    return [{"fold": fold.name, "set": s.name, "method": method, **detection_metrics(s.labels.numpy(), score(s))}
-            for s in evaluation for method, score in scorers.items()]
+    results, scored_rows = [], []
+    for s in evaluation:
+        for method, score in scorers.items():
+            weights = score(s)
+            results.append({"fold": fold.name, "set": s.name, "method": method,
+                            **detection_metrics(s.labels.numpy(), weights)})
+            scored_rows.append((s.examples, weights))
+    return results, scored_rows
+
+
+def row_weights(where: dict, examples: list[Example], weights: np.ndarray) -> list[dict]:
+    """Each scored row's weight beside its id, label and attack tag: which rows a method let through."""
+    return [{"fold": where["fold"], "set": where["set"], "method": where["method"], "id": e.row.get("id"),
+             "attack": e.row.get("attack"), "label": e.label, "weight": float(w)} for e, w in zip(examples, weights)]
 
 
 # Columns beside p = 0.1: the same set with less label noise, then the shifted sets.
@@ -320,12 +334,17 @@ def validate(cfg: DictConfig) -> list[dict]:
     needs_lm = any(d.signal != "none" for d in designs.values())
     stats = AlignedLMStats(cfg.lm.name_or_path, alignment, **cfg.lm.adapter) if needs_lm else None
     alignment_prompts = [e.prompt for e in alignment]
-    results = []
+    results, scored_rows = [], []
     for fold in make_folds(cfg, tasks, harmful, other_harmful):
         log.info("fold %s", fold.name)
-        results += run_fold(fold, cfg, embedder, bank, alignment_prompts, stats, designs, rejected)
+        fold_results, fold_rows = run_fold(fold, cfg, embedder, bank, alignment_prompts, stats, designs, rejected)
+        results += fold_results
+        scored_rows += fold_rows
     out = Path(cfg.output_dir)
     write_rows(results, out / "validation_results.jsonl")  # first: the hour of scoring is kept whatever follows
+    if cfg.row_weights:
+        write_rows([row for result, (examples, weights) in zip(results, scored_rows)
+                    for row in row_weights(result, examples, weights)], out / "row_weights.jsonl")
     shifts = operating_point_names(cfg, designs)
     methods = [*designs, *shifts, *BASELINES]
     table = summarise(results, methods)

@@ -1,6 +1,7 @@
 """Validation protocol: folds never leak held-out tasks or categories; baselines and metrics by hand."""
 
 import json
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -279,14 +280,14 @@ def test_validation_command_end_to_end_and_each_design_reproduces_alone(data_dir
     report and JSON are written, and a design run alone (`only=`) gives the numbers it gave beside others."""
     from scheduler.validate import validate
 
-    def run(only, out):
+    def run(only, out, *extra):
         with initialize_config_dir(str(CONFIG_DIR), version_base=None):
             cfg = compose("validate", overrides=[
                 f"root={data_dir}", "alignment_file=alignment.jsonl", "harmful_files=[harmful.jsonl]",
                 "other_harmful_files=[]", "label_audit_file=null", f"embedder.name_or_path={tiny_embedder_path}",
                 "tasks=[benign_sentiment.jsonl,benign_math.jsonl,benign_cooking.jsonl]", "category_folds=[[violence]]",
                 "rows_per_task=20", "harmful_pool=30", "n_train_sets=4", "set_sizes=[16]", "network_steps=6",
-                "eval_set_size=20", "operating_points.shifts=[0,9]", f"only={only}", f"output_dir={out}"])
+                "eval_set_size=20", "operating_points.shifts=[0,9]", f"only={only}", f"output_dir={out}", *extra])
         return validate(cfg), [json.loads(line) for line in (out / "validation_results.jsonl").open()]
 
     table, results = run("[prior_only,default]", tmp_path / "both")
@@ -304,6 +305,18 @@ def test_validation_command_end_to_end_and_each_design_reproduces_alone(data_dir
     for fold, set_name, method in kept:  # the same network: a higher scoring shift never keeps fewer rows
         if method == "default@shift=0":
             assert kept[fold, set_name, "default@shift=9"] >= kept[fold, set_name, method]
-    _, alone = run("[default]", tmp_path / "alone")
+    assert not (tmp_path / "both" / "row_weights.jsonl").exists()
+    _, alone = run("[default]", tmp_path / "alone", "row_weights=true")
     pick = lambda rows: [(r["fold"], r["set"], r["auroc"], r["benign_kept"]) for r in rows if r["method"] == "default"]
     assert pick(alone) == pick(results)
+    by_set = defaultdict(list)  # the rows behind each metric give it back
+    for row in map(json.loads, (tmp_path / "alone" / "row_weights.jsonl").open()):
+        by_set[row["fold"], row["set"], row["method"]].append(row)
+    assert len(by_set) == len(alone)
+    for result in alone:
+        rows = by_set[result["fold"], result["set"], result["method"]]
+        metrics = detection_metrics(np.array([r["label"] == "harmful" for r in rows]), np.array([r["weight"] for r in rows]))
+        assert len(rows) == 20 and metrics["benign_kept"] == result["benign_kept"]
+        assert np.isnan(result["auroc"]) or metrics["auroc"] == result["auroc"]
+        assert all(r["id"] for r in rows) and (result["set"] != "unseen_frames"
+                                               or any(r["attack"] for r in rows if r["label"] == "harmful"))
