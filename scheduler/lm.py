@@ -26,12 +26,17 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 
 
+# CPU instructions that compute in bf16 natively. oneDNN also reports bf16 "supported" on any AVX-512 CPU, where it
+# emulates it: 4x slower than fp32 for the tuned LM path on such a Xeon (docs/validation.md, "LM cost").
+NATIVE_CPU_BF16 = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
 def bf16_supported(device: torch.device) -> bool:
     """bf16 only where the hardware runs it natively: emulated bf16 on CPU is far slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return any(getattr(torch.cpu, check, lambda: False)() for check in NATIVE_CPU_BF16)
     return False
 
 

@@ -234,13 +234,18 @@ def test_reference_signal_flags_rows_that_alignment_training_made_less_likely():
     np.testing.assert_allclose(signal_from_stats(stats, "none"), 0.0)
 
 
-def test_bf16_falls_back_to_fp32_when_unsupported(monkeypatch):
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+@pytest.mark.parametrize("native", ["_is_avx512_bf16_supported", "_is_amx_tile_supported"])
+def test_bf16_falls_back_to_fp32_when_unsupported(monkeypatch, native):
+    """oneDNN's own check says yes on any AVX-512 CPU, where bf16 is emulated and slow: only the native
+    instructions (AVX512-BF16, AMX) turn bf16 on."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, check, lambda: False)
     cpu = torch.device("cpu")
     assert not bf16_supported(cpu)
     with autocast_context(cpu, "auto"):
         assert not torch.is_autocast_enabled("cpu")
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, native, lambda: True)
     with autocast_context(cpu, "auto"):
         assert torch.is_autocast_enabled("cpu")
     with autocast_context(cpu, "fp32"):
