@@ -75,7 +75,8 @@ def reads_joint_in_training(model_cfg: DictConfig) -> bool:
 
 def reads_joint_at_scoring(model_cfg: DictConfig) -> bool:
     """Whether a scored set needs its rows' joint embeddings (a second, longer encoder pass)."""
-    return scoring_reads_joint(SetEvidence(**evidence_config(model_cfg)), SetRefinement(**optional_section(model_cfg, "refinement")))
+    return scoring_reads_joint(SetEvidence(**evidence_config(model_cfg)),
+                               SetRefinement(**optional_section(model_cfg, "refinement")))
 
 
 def calibrate_prior(prior: SafetyPrior, bank: AlignmentBank, training_prompts: torch.Tensor, k: int) -> SafetyPrior:

@@ -159,9 +159,10 @@ def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
     assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 1.0, "scoring_weight": 1.0,
                                           "prompt_contrast_weight": 4.0, "joint_contrast_weight": 4.0,
                                           "joint_at_scoring_only": True}
-    assert optional_section(model_cfg, "refinement") == {"neighbour_k": 10, "neighbour_weight": 0.4, "component_weight": 20.0,
-                                            "component_min_mass": 2.0}
-    assert optional_section(model_cfg, "lexical") == {"weight": 1.5, "folds": 5, "ngram_range": [3, 5], "regularisation": 1.0}
+    assert optional_section(model_cfg, "refinement") == {"neighbour_k": 10, "neighbour_weight": 0.4,
+                                                         "component_weight": 20.0, "component_min_mass": 2.0}
+    assert optional_section(model_cfg, "lexical") == {"weight": 1.5, "folds": 5, "ngram_range": [3, 5],
+                                                      "regularisation": 1.0}
     for key in ("response_density_ratio_weight", "scoring_evidence_weight", "prompt_contrast_weight", "joint_contrast_weight",
                 "joint_contrast_at_scoring_only", "refinement", "lexical"):
         del model_cfg[key]

@@ -13,7 +13,7 @@ from scheduler.data.io import Example, read_examples, write_rows
 from scheduler.data.mixing import categories_of, read_pool, read_tasks
 from scheduler.evidence import signal_from_stats
 from scheduler.features import AlignmentBank
-from scheduler.lm import autocast_context, bf16_supported
+from scheduler.lm import NATIVE_CPU_BF16, autocast_context, bf16_supported
 from scheduler.metrics import detection_metrics
 from scheduler.prior import SafetyPrior
 from scheduler.training import CONFIG_DIR, register_resolvers
@@ -239,7 +239,7 @@ def test_bf16_falls_back_to_fp32_when_unsupported(monkeypatch, native):
     """oneDNN's own check says yes on any AVX-512 CPU, where bf16 is emulated and slow: only the native
     instructions (AVX512-BF16, AMX) turn bf16 on."""
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+    for check in NATIVE_CPU_BF16:
         monkeypatch.setattr(torch.cpu, check, lambda: False)
     cpu = torch.device("cpu")
     assert not bf16_supported(cpu)
