@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -51,6 +52,7 @@ from scheduler.transforms import posterior_weights
 log = logging.getLogger(__name__)
 BASELINES = ("alignment_lookup", "supervised_filter")
 AUDIT_LABELS = ("harmful", "not_harmful", "unclear")
+SUMMARY_FILE = "validation_summary.json"  # one row of figures per method; scheduler.across_seeds reads it
 
 
 @dataclass
@@ -267,12 +269,15 @@ def summarise(results: list[dict], methods: list[str]) -> list[dict]:
     return sorted(table, key=lambda row: -row["auroc_p0.1_worst"])
 
 
-def markdown(table: list[dict]) -> str:
-    keys = list(table[0])
+def markdown(table: list[dict], digits: int = 3) -> str:
+    """Rows of figures as a Markdown table: a column per key, in order of appearance; '-' where a row has no value."""
+    keys = list(dict.fromkeys(key for row in table for key in row))
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in keys) + " |"
-              for row in table]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(cell(row.get(key)) for key in keys) + " |" for row in table])
 
 
 def per_fold_table(results: list[dict], methods: list[str], set_name: str = "p=0.1") -> str:
@@ -356,7 +361,7 @@ def validate(cfg: DictConfig) -> list[dict]:
         if any(r["set"] == extra for r in results):
             report += f"\n## AUROC per fold, {extra} set (p = 0.1)\n\n{per_fold_table(results, methods, extra)}\n"
     write_text(report, out / "validation.md")
-    write_text(json.dumps(table, indent=1), out / "validation_summary.json")
+    write_text(json.dumps(table, indent=1), out / SUMMARY_FILE)
     if shifts:  # after the tables, so that a plotting failure costs no numbers
         chosen = float(designs[cfg.operating_points.design].prior.scoring_shift)
         plot_operating_points(table, cfg, shifts, chosen, out / "operating_points.png")

@@ -325,3 +325,9 @@ def test_validation_command_end_to_end_and_each_design_reproduces_alone(data_dir
         assert np.isnan(result["auroc"]) or metrics["auroc"] == result["auroc"]
         assert all(r["id"] for r in rows) and (result["set"] != "unseen_frames"
                                                or any(r["attack"] for r in rows if r["label"] == "harmful"))
+    # what scheduler.across_seeds reads of the two runs: the default in both, prior_only in one
+    from scheduler.across_seeds import mean_over_seeds, read_summaries
+    both_default = next(row for row in table if row["method"] == "default")
+    across = {row["method"]: row for row in mean_over_seeds(read_summaries([tmp_path / "both", tmp_path / "alone"]))}
+    assert across["default"]["seeds"] == 2 and across["prior_only"]["seeds"] == 1
+    assert across["default"]["auroc_p0.1_worst"] == pytest.approx(both_default["auroc_p0.1_worst"])
