@@ -5,7 +5,7 @@ read over seeds. Each run directory is what `python -m scheduler.validate seed=S
 `validation_summary.json` holds one row of figures per method.
 
     python -m scheduler.across_seeds docs/validation/answer_lexical/seed*
-    python -m scheduler.across_seeds RUN_DIR ... --output docs/across_seeds.md
+    python -m scheduler.across_seeds RUN_DIR ... --output docs/across_seeds.md --plot docs/across_seeds.png
 """
 
 from __future__ import annotations
@@ -99,15 +99,33 @@ def report(runs: dict[str, dict[str, dict[str, float]]]) -> str:
             f"{markdown(per_seed(runs, 'auroc_p0.1_audited_worst'), digits=4)}\n")
 
 
+PLOTTED = ("auroc_p0.1_worst", "auroc_p0.1_audited_worst", "auroc_disguised_worst", "auroc_unseen_frames_worst",
+           "auroc_other_sources_worst", "benign_kept_p0_worst")
+
+
+def plot(runs: dict[str, dict[str, dict[str, float]]], path: str | Path, figures: Sequence[str] = PLOTTED) -> Path:
+    """Each seed's figure per method for the figures that decide a design, beside the mean and the target."""
+    from scheduler.plots import figures_per_seed  # matplotlib only when a plot is asked for
+
+    methods = ranked_methods(runs)
+    values = {figure: {m: [run[m].get(figure, math.nan) for run in runs.values() if m in run] for m in methods}
+              for figure in figures}
+    return figures_per_seed(values, dict(TARGETS), f"{len(runs)} seeds: one dot per seed, the bar is the mean", Path(path))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="directories written by python -m scheduler.validate")
     parser.add_argument("--output", help="also write the report to this markdown file")
+    parser.add_argument("--plot", help="also draw each seed's figures per method to this image (.png, .svg, .pdf)")
     args = parser.parse_args(argv)
     with exit_on_data_error():
-        text = report(read_summaries(args.runs))
+        runs = read_summaries(args.runs)
+        text = report(runs)
         if args.output:
             write_text(text, args.output)
+        if args.plot:
+            plot(runs, args.plot)
     sys.stdout.write(text)
 
 

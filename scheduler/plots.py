@@ -83,3 +83,28 @@ def operating_points(curve: dict[float, tuple[float, float]], chosen: float, oth
            ylabel="benign rows kept (weight >= 0.5), p = 0, worst fold", title=title)
     ax.legend(fontsize=8)
     return save_figure(fig, path, dpi=110, bbox_inches="tight")
+
+
+def figures_per_seed(values: dict[str, dict[str, list[float]]], targets: dict[str, float], title: str,
+                     path: Path) -> Path:
+    """One panel per figure (`values`: figure -> method -> one value per seed): each seed a dot, the mean a bar,
+    so that a reader sees the spread over seeds as well as the mean; a dashed line at a figure's target."""
+    figures = list(values)
+    methods = list(dict.fromkeys(m for per_method in values.values() for m in per_method))
+    fig, axes = plt.subplots(1, len(figures), figsize=(3.2 * len(figures), 0.45 * len(methods) + 1.2),
+                             sharey=True, squeeze=False)
+    for ax, figure in zip(axes[0], figures):
+        for row, method in enumerate(methods):
+            seeds = [v for v in values[figure].get(method, []) if np.isfinite(v)]
+            if seeds:
+                ax.scatter(seeds, [row] * len(seeds), s=14, alpha=0.6, color=f"C{row}")
+                ax.plot([np.mean(seeds)] * 2, [row - 0.3, row + 0.3], color=f"C{row}", linewidth=2)
+        if figure in targets:
+            ax.axvline(targets[figure], color="grey", linestyle="--", linewidth=1)
+        ax.set(title=figure, xlabel="AUROC" if figure.startswith("auroc") else "share of rows")
+        ax.title.set_fontsize(8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(methods)), methods)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(title, y=1.02)
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")

@@ -48,9 +48,10 @@ def test_targets_count_the_seeds_that_meet_them(runs):
     assert by_run["seed2"]["default"] == 0.94 and math.isnan(by_run["seed2"]["alignment_lookup"])
 
 
-def test_command_prints_and_writes_the_report(runs, tmp_path, capsys):
-    out = tmp_path / "across.md"
-    main([*map(str, runs), "--output", str(out)])
+def test_command_prints_and_writes_the_report_and_plot(runs, tmp_path, capsys):
+    out, figure = tmp_path / "across.md", tmp_path / "across.png"
+    main([*map(str, runs), "--output", str(out), "--plot", str(figure)])
+    assert figure.read_bytes().startswith(b"\x89PNG")
     printed = capsys.readouterr().out
     assert printed == out.read_text()
     assert "# Across 2 seeds: seed1, seed2" in printed
