@@ -1,8 +1,9 @@
 """What validation runs of several seeds say together, and on how many seeds each target of issue #5 is met.
 
-One seed's worst fold moves by 0.01-0.03 with the draw of its sets, more than most design changes, so a design is
-read over seeds. Each run directory is what `python -m scheduler.validate seed=S output_dir=DIR` wrote; its
-`validation_summary.json` holds one row of figures per method.
+A seed's worst fold moves with the draw of its sets by more than most design changes (the default's, at p = 0.1, from
+0.9272 to 0.9714 over the package runs of seeds 17, 18 and 25-27), so a design is read over seeds. Each run directory
+is what `python -m scheduler.validate seed=S output_dir=DIR` wrote; its `validation_summary.json` holds one row of
+figures per method.
 
     python -m scheduler.across_seeds docs/validation/answer_lexical/seed*
     python -m scheduler.across_seeds RUN_DIR ... --output docs/across_seeds.md --plot docs/across_seeds.png
@@ -22,13 +23,15 @@ import numpy as np
 from scheduler.data.io import DataError, exit_on_data_error, write_text
 from scheduler.validate import SUMMARY_FILE, markdown
 
+Runs = dict[str, dict[str, dict[str, float]]]  # run name -> method -> figure -> value
+PLOT_FORMATS = (".png", ".svg", ".pdf")
 # The issue's targets, as (figure, lowest value that meets it); the audited worst fold reads the same target on the
 # labels that survive the reading audit (data/harmful_label_audit.jsonl).
 TARGETS = (("auroc_p0.1_worst", 0.95), ("auroc_p0.1_mean", 0.98), ("benign_kept_p0_worst", 0.97),
            ("auroc_p0.1_audited_worst", 0.95))
 
 
-def read_summaries(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, dict[str, float]]]:
+def read_summaries(run_dirs: Sequence[str | Path]) -> Runs:
     """{run name: {method: figures}} from each run's summary, or a DataError naming the file and what is wrong."""
     runs = {}
     for run_dir in map(Path, run_dirs):
@@ -48,21 +51,26 @@ def read_summaries(run_dirs: Sequence[str | Path]) -> dict[str, dict[str, dict[s
     return runs
 
 
-def mean_over_seeds(runs: dict[str, dict[str, dict[str, float]]]) -> list[dict]:
+def mean_over_seeds(runs: Runs) -> list[dict]:
     """Per method, the mean over seeds of each seed's figure; a seed without a figure (NaN, or a set its run did not
     build) leaves that mean, and `seeds` counts the runs that scored the method. Sorted by the mean worst fold."""
     table = []
     for method in dict.fromkeys(method for run in runs.values() for method in run):
-        rows = [run[method] for run in runs.values() if method in run]
+        rows = scored(runs, method)
         keys = list(dict.fromkeys(key for row in rows for key in row))
         table.append({"method": method, "seeds": len(rows)}
                      | {key: finite_mean([row.get(key, math.nan) for row in rows]) for key in keys})
     return sorted(table, key=lambda row: -np.nan_to_num(row.get("auroc_p0.1_worst", math.nan), nan=-1.0))
 
 
-def ranked_methods(runs: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+def ranked_methods(runs: Runs) -> list[str]:
     """Every method of the runs, best mean worst fold first."""
     return [row["method"] for row in mean_over_seeds(runs)]
+
+
+def scored(runs: Runs, method: str) -> list[dict[str, float]]:
+    """The figures of `method` in each run that scored it."""
+    return [run[method] for run in runs.values() if method in run]
 
 
 def finite_mean(values: list[float]) -> float:
@@ -70,11 +78,11 @@ def finite_mean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def targets_met(runs: dict[str, dict[str, dict[str, float]]]) -> list[dict]:
+def targets_met(runs: Runs) -> list[dict]:
     """Per method and target, 'met / seeds that measured it' (a NaN figure, e.g. no audited set, is not counted)."""
     table = []
     for method in ranked_methods(runs):
-        rows = [run[method] for run in runs.values() if method in run]
+        rows = scored(runs, method)
         row = {"method": method}
         for key, lowest in TARGETS:
             measured = [r[key] for r in rows if math.isfinite(r.get(key, math.nan))]
@@ -83,17 +91,18 @@ def targets_met(runs: dict[str, dict[str, dict[str, float]]]) -> list[dict]:
     return table
 
 
-def per_seed(runs: dict[str, dict[str, dict[str, float]]], key: str = "auroc_p0.1_worst") -> list[dict]:
+def per_seed(runs: Runs, key: str = "auroc_p0.1_worst") -> list[dict]:
     """One row per run: each method's `key`."""
     methods = ranked_methods(runs)
     return [{"run": name} | {m: run[m].get(key, math.nan) if m in run else math.nan for m in methods}
             for name, run in runs.items()]
 
 
-def report(runs: dict[str, dict[str, dict[str, float]]]) -> str:
+def report(runs: Runs) -> str:
     return (f"# Across {len(runs)} seeds: {', '.join(runs)}\n\n"
             f"## Mean over seeds of each seed's figure (sorted by worst-fold AUROC at p = 0.1)\n\n"
-            f"{markdown(mean_over_seeds(runs), digits=4)}\n\n## Seeds that meet each target\n\n{markdown(targets_met(runs))}\n\n"
+            f"{markdown(mean_over_seeds(runs), digits=4)}\n\n"
+            f"## Seeds that meet each target\n\n{markdown(targets_met(runs))}\n\n"
             f"## Worst-fold AUROC at p = 0.1, per seed\n\n{markdown(per_seed(runs), digits=4)}\n\n"
             f"## Worst-fold AUROC at p = 0.1 on audited labels, per seed\n\n"
             f"{markdown(per_seed(runs, 'auroc_p0.1_audited_worst'), digits=4)}\n")
@@ -103,14 +112,15 @@ PLOTTED = ("auroc_p0.1_worst", "auroc_p0.1_audited_worst", "auroc_disguised_wors
            "auroc_other_sources_worst", "benign_kept_p0_worst")
 
 
-def plot(runs: dict[str, dict[str, dict[str, float]]], path: str | Path, figures: Sequence[str] = PLOTTED) -> Path:
+def plot(runs: Runs, path: str | Path, figures: Sequence[str] = PLOTTED) -> Path:
     """Each seed's figure per method for the figures that decide a design, beside the mean and the target."""
     from scheduler.plots import figures_per_seed  # matplotlib only when a plot is asked for
 
     methods = ranked_methods(runs)
-    values = {figure: {m: [run[m].get(figure, math.nan) for run in runs.values() if m in run] for m in methods}
+    values = {figure: {m: [row.get(figure, math.nan) for row in scored(runs, m)] for m in methods}
               for figure in figures}
-    return figures_per_seed(values, dict(TARGETS), f"{len(runs)} seeds: one dot per seed, the bar is the mean", Path(path))
+    title = f"{len(runs)} seeds: one dot per seed, the bar is the mean"
+    return figures_per_seed(values, dict(TARGETS), title, Path(path))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", help="also draw each seed's figures per method to this image (.png, .svg, .pdf)")
     args = parser.parse_args(argv)
     with exit_on_data_error():
+        if args.plot and Path(args.plot).suffix.lower() not in PLOT_FORMATS:
+            raise DataError(f"--plot {args.plot}: expected a file ending in {', '.join(PLOT_FORMATS)}")
         runs = read_summaries(args.runs)
         text = report(runs)
         if args.output:

@@ -73,3 +73,10 @@ def test_bad_run_directory_names_the_file(tmp_path, capsys, content, expected):
     assert exit_info.value.code == 2
     assert str(run / "validation_summary.json") in capsys.readouterr().err
     assert not (tmp_path / "across.md").exists()
+
+
+def test_plot_with_an_unknown_format_stops_before_reading(runs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*map(str, runs), "--output", str(tmp_path / "across.md"), "--plot", str(tmp_path / "across.xyz")])
+    assert exit_info.value.code == 2 and "expected a file ending in .png" in capsys.readouterr().err
+    assert not (tmp_path / "across.md").exists()
