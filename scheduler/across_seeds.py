@@ -2,8 +2,8 @@
 
 A seed's worst fold moves with the draw of its sets by more than most design changes (the default's, at p = 0.1, from
 0.9142 to 0.9819 over the thirteen package runs in docs/validation/answer_lexical/), so a design is read over seeds.
-Each run directory is what `python -m scheduler.validate seed=S output_dir=DIR` wrote; its `validation_summary.json` holds one row of
-figures per method.
+Each run directory is what `python -m scheduler.validate seed=S output_dir=DIR` wrote; its `validation_summary.json`
+holds one row of figures per method.
 
     python -m scheduler.across_seeds docs/validation/answer_lexical/seed*
     python -m scheduler.across_seeds RUN_DIR ... --output docs/across_seeds.md --plot docs/across_seeds.png
