@@ -27,7 +27,8 @@ DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 
 
 # CPU instructions that compute in bf16 natively. oneDNN also reports bf16 "supported" on any AVX-512 CPU, where it
-# emulates it: 4x slower than fp32 for the tuned LM path on such a Xeon (docs/validation.md, "LM cost").
+# emulates it: the tuned LM path's per-sample loss ran 1.70 rows/s in emulated bf16 against 4.54 in fp32 on such a
+# Xeon (docs/validation.md, "LM cost").
 NATIVE_CPU_BF16 = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 
