@@ -22,10 +22,14 @@ from typing import Any
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SCHEMAS = (
     "prompt/response",
+    "question/answer",
     "instruction/input/output (Alpaca)",
-    "messages (chat: user/assistant turns)",
+    "messages (chat: role/content turns)",
+    "conversations (ShareGPT: from/value turns)",
     "text",
 )
+CHAT_FIELDS = {"messages": ("role", "content"), "conversations": ("from", "value")}
+ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model", "chatbot"}
 
 
 class DataError(ValueError):
@@ -55,22 +59,33 @@ def _text(value: Any) -> str | None:
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
-def _from_messages(messages: Any, where: str) -> tuple[str, str]:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field 'messages': expected a non-empty list of {{role, content}} turns")
-    turns = []
-    for i, turn in enumerate(messages):
-        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
-            raise DataError(f"{where}: field 'messages[{i}]': expected an object with a string 'content'")
-        turns.append((str(turn.get("role", "user")), turn["content"].strip()))
-    last_assistant = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
-    if last_assistant is None:
-        prompt_turns, response = turns, ""
-    else:
-        prompt_turns, response = turns[:last_assistant], turns[last_assistant][1]
-    prompt = "\n".join(content for role, content in prompt_turns if role != "system" and content)
+def _turn_text(content: Any) -> str | None:
+    """A turn's text: a string, or the text parts of a multimodal content list."""
+    if isinstance(content, str):
+        return content.strip()
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        texts = [part.get("text") for part in content if part.get("type", "text") == "text"]
+        if texts and all(isinstance(text, str) for text in texts):
+            return "\n".join(text.strip() for text in texts if text.strip())
+    return None
+
+
+def _from_chat(turns: Any, name: str, where: str) -> tuple[str, str]:
+    """Prompt: every non-system turn before the last assistant turn; response: that turn."""
+    role_key, text_key = CHAT_FIELDS[name]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field '{name}': expected a non-empty list of {{{role_key}, {text_key}}} turns")
+    parsed = []
+    for i, turn in enumerate(turns):
+        text = _turn_text(turn.get(text_key)) if isinstance(turn, dict) else None
+        if text is None:
+            raise DataError(f"{where}: field '{name}[{i}]': expected an object whose '{text_key}' is a string or a list of text parts")
+        parsed.append((str(turn.get(role_key, "user")).lower(), text))
+    last_reply = max((i for i, (role, _) in enumerate(parsed) if role in ASSISTANT_ROLES), default=None)
+    prompt_turns, response = (parsed, "") if last_reply is None else (parsed[:last_reply], parsed[last_reply][1])
+    prompt = "\n".join(text for role, text in prompt_turns if role != "system" and text)
     if not prompt:
-        raise DataError(f"{where}: field 'messages': expected at least one user turn with text")
+        raise DataError(f"{where}: field '{name}': expected at least one user turn with text")
     return prompt, response
 
 
@@ -82,12 +97,14 @@ def to_example(row: Any, where: str) -> Example:
         return Example(row.strip(), "", {"text": row})
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object or a string, got {type(row).__name__}")
-    if "messages" in row:
-        prompt, response = _from_messages(row["messages"], where)
-        return Example(prompt, response, row)
+    for name in CHAT_FIELDS:
+        if name in row:
+            return Example(*_from_chat(row[name], name, where), row)
     if _text(row.get("prompt")):
         response = row.get("response", row.get("completion", row.get("output", "")))
         return Example(row["prompt"].strip(), _text(response) or "", row)
+    if _text(row.get("question")):
+        return Example(row["question"].strip(), _text(row.get("answer")) or "", row)
     if _text(row.get("instruction")):
         prompt = row["instruction"].strip()
         if _text(row.get("input")):
