@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from scheduler.data.io import DataError, exit_on_data_error, write_text
-from scheduler.validate import SUMMARY_FILE, markdown
+from scheduler.tables import SUMMARY_FILE, markdown
 
 Runs = dict[str, dict[str, dict[str, float]]]  # run name -> method -> figure -> value
 PLOT_FORMATS = (".png", ".svg", ".pdf")

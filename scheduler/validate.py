@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import random
 import re
 import time
@@ -47,12 +46,12 @@ from scheduler.network import SetPosterior
 from scheduler.prior import SafetyPrior
 from scheduler.training import (CONFIG_DIR, calibrate_prior, calibrated_posterior, command_line_overrides, make_module,
                                 reads_joint_at_scoring, reads_joint_in_training, register_resolvers, scheduler_config)
+from scheduler.tables import SUMMARY_FILE, markdown, mean_or_nan, per_fold_table, per_ratio_table, worst_or_nan
 from scheduler.transforms import posterior_weights
 
 log = logging.getLogger(__name__)
 BASELINES = ("alignment_lookup", "supervised_filter")
 AUDIT_LABELS = ("harmful", "not_harmful", "unclear")
-SUMMARY_FILE = "validation_summary.json"  # one row of figures per method; scheduler.across_seeds reads it
 
 
 @dataclass
@@ -237,14 +236,6 @@ EXTRA_SETS = ("p=0.1 audited", "disguised", "other_sources", "unseen_frames", "w
               "blind_frames")
 
 
-def mean_or_nan(values: list[float]) -> float:
-    return float(np.mean(values)) if values else float("nan")
-
-
-def worst_or_nan(values: list[float]) -> float:
-    return float(np.min(values)) if values else float("nan")
-
-
 def summarise(results: list[dict], methods: list[str]) -> list[dict]:
     """Per method: mean and worst-fold AUROC at p = 0.1 and on the shifted sets, AUPRC, harmful share,
     benign kept at p = 0; NaN where a run has no such set (`eval_ratios` without it)."""
@@ -267,47 +258,6 @@ def summarise(results: list[dict], methods: list[str]) -> list[dict]:
                 table[-1] |= {f"auroc_{column}_mean": mean_or_nan(extra_auroc),
                               f"auroc_{column}_worst": worst_or_nan(extra_auroc)}
     return sorted(table, key=lambda row: -row["auroc_p0.1_worst"])
-
-
-def markdown(table: list[dict], digits: int = 3) -> str:
-    """Rows of figures as a Markdown table: a column per key, in order of appearance; '-' where a row has no value."""
-    keys = list(dict.fromkeys(key for row in table for key in row))
-    def cell(value) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "-"
-        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    return "\n".join(lines + ["| " + " | ".join(cell(row.get(key)) for key in keys) + " |" for row in table])
-
-
-def per_fold_table(results: list[dict], methods: list[str], set_name: str = "p=0.1") -> str:
-    folds = sorted({r["fold"] for r in results})
-    lines = ["| fold | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
-    for fold in folds:
-        cells = [next(r["auroc"] for r in results if r["fold"] == fold and r["method"] == m and r["set"] == set_name)
-                 for m in methods]
-        lines.append(f"| {fold} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def ratio_sets(results: list[dict]) -> list[str]:
-    """The `p=` sets of a run, by harmful ratio."""
-    return sorted({r["set"] for r in results if re.fullmatch(r"p=[0-9.]+", r["set"])}, key=lambda name: float(name[2:]))
-
-
-def per_ratio_table(results: list[dict], methods: list[str]) -> str:
-    """Per harmful ratio and method: AUROC mean / worst fold, the mean harmful share of weight, and the benign rows
-    kept (weight >= 0.5) on the worst fold: how a design holds up as contamination grows or vanishes."""
-    lines = ["| set | method | AUROC mean | AUROC worst | harmful share | benign kept, worst |", "|---|---|---|---|---|---|"]
-    cell = lambda value: "-" if np.isnan(value) else f"{value:.4f}"
-    for set_name in ratio_sets(results):
-        for method in methods:
-            rows = [r for r in results if r["set"] == set_name and r["method"] == method]
-            column = lambda key: [r[key] for r in rows]
-            figures = (mean_or_nan(column("auroc")), worst_or_nan(column("auroc")),
-                       mean_or_nan(column("harmful_weight_share")), worst_or_nan(column("benign_kept")))
-            lines.append(f"| {set_name} | {method} | " + " | ".join(cell(f) for f in figures) + " |")
-    return "\n".join(lines)
 
 
 def plot_operating_points(table: list[dict], cfg: DictConfig, shifts: dict[str, float], chosen: float,

@@ -171,7 +171,7 @@ def test_detection_metrics_by_hand():
 
 def test_per_ratio_table_by_hand():
     """Each `p=` set in order of its ratio (not as text), mean and worst fold per method; other sets left out."""
-    from scheduler.validate import per_ratio_table
+    from scheduler.tables import per_ratio_table
 
     nan = float("nan")
     row = lambda fold, set_name, auroc, share, kept: {"fold": fold, "set": set_name, "method": "m", "auroc": auroc,
