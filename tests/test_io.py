@@ -37,6 +37,8 @@ def test_every_schema_normalises_and_keeps_the_row():
      r"field 'messages\[0\]': expected an object whose 'content' is a string or a list of text parts"),
     ({"conversations": [{"from": "gpt", "value": "only a reply"}]},
      r"field 'conversations': expected at least one user turn"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                   {"role": "assistant", "content": "a cat"}]}, r"field 'messages': expected at least one user turn"),
     ({"conversations": "not a list"}, r"field 'conversations': expected a non-empty list of \{from, value\} turns"),
 ])
 def test_bad_chat_rows_name_the_field(row, message):

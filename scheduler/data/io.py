@@ -60,12 +60,12 @@ def _text(value: Any) -> str | None:
 
 
 def _turn_text(content: Any) -> str | None:
-    """A turn's text: a string, or the text parts of a multimodal content list."""
+    """A turn's text: a string, or the text parts of a multimodal content list (an image-only turn has none)."""
     if isinstance(content, str):
         return content.strip()
     if isinstance(content, list) and all(isinstance(part, dict) for part in content):
         texts = [part.get("text") for part in content if part.get("type", "text") == "text"]
-        if texts and all(isinstance(text, str) for text in texts):
+        if all(isinstance(text, str) for text in texts):
             return "\n".join(text.strip() for text in texts if text.strip())
     return None
 
