@@ -10,11 +10,31 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from scheduler.data.io import DataError, Example, iter_examples, write_rows
+from scheduler.data.io import DataError, Example, iter_rows, to_example, write_rows
 from scheduler.metrics import detection_metrics
 from scheduler.embeddings import RowEmbeddings
 from scheduler.lexical import RowTexts
-from scheduler.scoring import NeuralScheduler, ScoreResult
+from scheduler.scoring import NeuralScheduler
+
+
+SMALL_SET = 50  # rows: validation measured sets of 50 to 1,000 rows; the set's own evidence is thin below
+GROUPS_SHOWN = 20
+
+
+@dataclass
+class SetSummary:
+    """One scored set: the whole file, or one group of it (`group_by`)."""
+
+    name: str
+    rows: int
+    below_half: int
+    expected_harmful_fraction: float
+    scoring_shift: float
+
+    def __str__(self) -> str:
+        rows = f"{self.rows} row{'s' * (self.rows != 1)}"
+        return (f"{self.name}: {rows}, {self.below_half} below 0.5, expected harmful fraction "
+                f"{self.expected_harmful_fraction:.3f} (scoring shift applied: {self.scoring_shift:.2f})")
 
 
 @dataclass
@@ -24,17 +44,34 @@ class ApplySummary:
     quantiles: dict[str, float]
     output: Path
     histogram: Path | None
-    expected_harmful_fraction: float
-    scoring_shift: float
+    sets: list[SetSummary]
     label_check: dict[str, dict[str, float]] | None = None
+
+    @property
+    def expected_harmful_fraction(self) -> float:
+        """Of the one scored set; NaN when the file was scored in groups (see `sets`)."""
+        return self.sets[0].expected_harmful_fraction if len(self.sets) == 1 else float("nan")
+
+    @property
+    def scoring_shift(self) -> float:
+        return self.sets[0].scoring_shift if len(self.sets) == 1 else float("nan")
 
     def __str__(self) -> str:
         q = "  ".join(f"{name}={value:.3f}" for name, value in self.quantiles.items())
         text = (f"scored {self.rows} rows -> {self.output}\n"
-                f"weighted below 0.5: {self.below_half} ({self.below_half / self.rows:.1%})\n"
-                f"expected harmful fraction of the set: {self.expected_harmful_fraction:.3f} "
-                f"(scoring shift applied: {self.scoring_shift:.2f})\n"
-                f"weight quantiles: {q}" + (f"\nhistogram: {self.histogram}" if self.histogram else ""))
+                f"weighted below 0.5: {self.below_half} ({self.below_half / self.rows:.1%})\n")
+        if len(self.sets) == 1:
+            text += (f"expected harmful fraction of the set: {self.expected_harmful_fraction:.3f} "
+                     f"(scoring shift applied: {self.scoring_shift:.2f})\n")
+        else:
+            text += f"scored as {len(self.sets)} sets, one per group (each has mean weight 1):\n"
+            text += "".join(f"  {s}\n" for s in self.sets[:GROUPS_SHOWN])
+            if len(self.sets) > GROUPS_SHOWN:
+                text += f"  ... and {len(self.sets) - GROUPS_SHOWN} more groups\n"
+        if small := sum(s.rows < SMALL_SET for s in self.sets):
+            text += (f"note: {small} set(s) have fewer than {SMALL_SET} rows; the set's own evidence is thin there "
+                     f"(validated on sets of 50 to 1,000 rows)\n")
+        text += f"weight quantiles: {q}" + (f"\nhistogram: {self.histogram}" if self.histogram else "")
         if self.label_check:
             text += "\ncheck against the file's own 'label' column (not used for scoring):"
             for method, c in self.label_check.items():
@@ -43,11 +80,24 @@ class ApplySummary:
         return text
 
 
-def read_all(path: Path) -> list[Example]:
-    examples = list(tqdm(iter_examples(path), desc="reading", unit=" rows", leave=False))
+def read_all(path: Path, group_by: str | None = None) -> tuple[list[Example], list[str] | None]:
+    """The file's rows, and with `group_by` each row's group: the value of that field, which every row must have."""
+    examples, groups = [], []
+    for where, row in tqdm(iter_rows(path), desc="reading", unit=" rows", leave=False):
+        examples.append(to_example(row, where))
+        if group_by is not None:
+            groups.append(group_of(row, group_by, where))
     if not examples:
         raise DataError(f"{path}: empty dataset; expected at least one row")
-    return examples
+    return examples, groups if group_by is not None else None
+
+
+def group_of(row: object, group_by: str, where: str) -> str:
+    value = row.get(group_by) if isinstance(row, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
+        raise DataError(f"{where}: field '{group_by}': expected a non-empty string or number naming the row's group "
+                        f"(group_by={group_by}), got {value!r}")
+    return str(value).strip()
 
 
 def embed_in_chunks(scheduler: NeuralScheduler, examples: list[Example], chunk: int) -> RowEmbeddings:
@@ -60,9 +110,28 @@ def embed_in_chunks(scheduler: NeuralScheduler, examples: list[Example], chunk: 
     return RowEmbeddings(*(torch.cat(part) if part[0] is not None else None for part in zip(*chunks)))
 
 
-def output_rows(examples: list[Example], result: ScoreResult) -> list[dict]:
+def score_sets(scheduler: NeuralScheduler, embeddings: RowEmbeddings, examples: list[Example],
+               groups: list[str] | None) -> tuple[dict[str, np.ndarray], list[SetSummary]]:
+    """Score the rows as one set, or each group as its own set; the columns come back in the rows' order."""
+    if groups is None:
+        members = {"the set": np.arange(len(examples))}
+    else:
+        names = np.array(groups, dtype=object)
+        members = {name: np.flatnonzero(names == name) for name in dict.fromkeys(groups)}
+    columns, sets = {}, []
+    for name, rows in tqdm(members.items(), desc="scoring sets", unit=" sets", disable=len(members) == 1):
+        index = torch.as_tensor(rows)
+        part = RowEmbeddings(*(None if e is None else e[index] for e in embeddings))
+        result = scheduler.score_embeddings(*part, texts=RowTexts.of([examples[i] for i in rows]))
+        for column, values in result.columns().items():
+            columns.setdefault(column, np.zeros(len(examples)))[rows] = values
+        sets.append(SetSummary(name, len(rows), int((result.weight < 0.5).sum()), result.expected_harmful_fraction,
+                               result.scoring_shift))
+    return columns, sets
+
+
+def output_rows(examples: list[Example], columns: dict[str, np.ndarray]) -> list[dict]:
     """Each input row unchanged, plus the weight columns (a plain-string row keeps its text)."""
-    columns = result.columns()
     rows = []
     for i, example in enumerate(examples):
         row = dict(example.row)
@@ -87,24 +156,27 @@ def plot_histogram(weights: np.ndarray, path: Path) -> Path:
 
 def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path: str | Path, chunk: int = 512,
                     histogram: bool = True, scoring_shift: float | None = None,
-                    scoring_shift_taper: Sequence[float] | None = None) -> ApplySummary:
+                    scoring_shift_taper: Sequence[float] | None = None, group_by: str | None = None) -> ApplySummary:
     """Read, embed, score and write atomically; the input file is never modified.
 
-    `scoring_shift` and `scoring_shift_taper` override the checkpoint's operating point (`NeuralScheduler.load`)."""
+    `scoring_shift` and `scoring_shift_taper` override the checkpoint's operating point (`NeuralScheduler.load`).
+    `group_by` names a field (a task or source column) whose values split the file into sets scored apart: the
+    posterior reads each row against its own set, so a task that is a small part of a mixed file is read against
+    rows like it."""
     input_path, output_path = Path(input_path), Path(output_path)
     if output_path.resolve() == input_path.resolve():
         raise DataError(f"{output_path}: output would overwrite the input; choose another output path")
-    examples = read_all(input_path)  # fail on bad rows before spending time on the model
+    examples, groups = read_all(input_path, group_by)  # fail on bad rows before spending time on the model
     scheduler = NeuralScheduler.load(checkpoint, scoring_shift=scoring_shift, scoring_shift_taper=scoring_shift_taper)
     embeddings = embed_in_chunks(scheduler, examples, chunk)
-    result = scheduler.score_embeddings(*embeddings, texts=RowTexts.of(examples))
-    write_rows(output_rows(examples, result), output_path)
-    hist = plot_histogram(result.weight, output_path.with_suffix(".hist.png")) if histogram else None
+    columns, sets = score_sets(scheduler, embeddings, examples, groups)
+    write_rows(output_rows(examples, columns), output_path)
+    weights = columns["weight"]
+    hist = plot_histogram(weights, output_path.with_suffix(".hist.png")) if histogram else None
     quantiles = dict(zip(["min", "q05", "q25", "median", "q75", "q95", "max"],
-                         np.quantile(result.weight, [0, 0.05, 0.25, 0.5, 0.75, 0.95, 1]).tolist(), strict=True))
-    return ApplySummary(len(examples), int((result.weight < 0.5).sum()), quantiles, output_path, hist,
-                        result.expected_harmful_fraction, result.scoring_shift,
-                        label_check(examples, result.weight, lambda: scheduler.alignment_lookup(embeddings.prompts)))
+                         np.quantile(weights, [0, 0.05, 0.25, 0.5, 0.75, 0.95, 1]).tolist(), strict=True))
+    return ApplySummary(len(examples), int((weights < 0.5).sum()), quantiles, output_path, hist, sets,
+                        label_check(examples, weights, lambda: scheduler.alignment_lookup(embeddings.prompts)))
 
 
 def label_check(examples: list[Example], weights: np.ndarray,

@@ -65,6 +65,21 @@ def test_apply_rejects_bad_rows_without_output(checkpoint, tmp_path, content, ex
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("second_row", "expected"), [
+    ('{"prompt": "b", "response": "c"}', "input.jsonl:2: field 'task': expected a non-empty string or number"),
+    ('{"prompt": "b", "response": "c", "task": ["x"]}', "input.jsonl:2: field 'task': expected a non-empty string"),
+])
+def test_apply_group_by_needs_the_field_on_every_row(checkpoint, tmp_path, second_row, expected):
+    source = tmp_path / "input.jsonl"
+    source.write_text('{"prompt": "a", "response": "b", "task": "t1"}\n' + second_row + "\n")
+    result = run_apply(f"checkpoint={checkpoint}", f"input={source}", f"output={tmp_path / 'out.jsonl'}",
+                       "group_by=task")
+    assert result.returncode != 0
+    assert expected in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.slow
 def test_apply_missing_input_and_bad_checkpoint(checkpoint, tmp_path):
     result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'nope.jsonl'}", f"output={tmp_path / 'o.jsonl'}")
     assert result.returncode != 0 and "nope.jsonl: file not found" in result.stderr

@@ -78,6 +78,37 @@ def test_label_check_puts_the_alignment_lookup_beside_the_scheduler(trained, dat
         roc_auc_score(harmful, -np.array([json.loads(line)["weight"] for line in (tmp_path / "w.jsonl").open()])), abs=1e-6)
 
 
+def test_group_by_scores_each_group_as_its_own_set(trained, data_dir, tmp_path):
+    """Rows of two interleaved groups get exactly the weights their group gets when scored alone, in file order."""
+    from scheduler.apply import apply_scheduler
+
+    checkpoint = trained / "scheduler.ckpt"
+    rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
+    rows = [{**row, "task": "a" if i % 2 else "b"} for i, row in enumerate(rows)]
+    def write(path: Path, part: list[dict]) -> Path:
+        path.write_text("".join(json.dumps(row) + "\n" for row in part))
+        return path
+
+    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]
+    summary = apply_scheduler(checkpoint, write(tmp_path / "mixed.jsonl", rows), tmp_path / "grouped.jsonl",
+                              histogram=False, group_by="task")
+    grouped = read(tmp_path / "grouped.jsonl")
+    assert [row["prompt"] for row in grouped] == [row["prompt"] for row in rows]
+    assert [(s.name, s.rows) for s in summary.sets] == [("b", 10), ("a", 10)]
+    for name in ("a", "b"):
+        alone = [row for row in rows if row["task"] == name]
+        apply_scheduler(checkpoint, write(tmp_path / f"{name}.jsonl", alone), tmp_path / f"{name}.w.jsonl",
+                        histogram=False)
+        expected = [(row["weight"], row["posterior_mu"]) for row in read(tmp_path / f"{name}.w.jsonl")]
+        got = [(row["weight"], row["posterior_mu"]) for row in grouped if row["task"] == name]
+        assert np.array(got) == pytest.approx(np.array(expected), abs=1e-5)
+        assert np.mean([weight for weight, _ in got]) == pytest.approx(1.0, abs=1e-4)
+    apply_scheduler(checkpoint, tmp_path / "mixed.jsonl", tmp_path / "whole.jsonl", histogram=False)
+    whole = np.array([row["posterior_mu"] for row in read(tmp_path / "whole.jsonl")])
+    assert np.abs(whole - np.array([row["posterior_mu"] for row in grouped])).max() > 1e-2  # one set is not two
+    assert "scored as 2 sets" in str(summary) and "fewer than 50 rows" in str(summary)
+
+
 def test_checkpoint_loads_in_python_and_scores_any_schema(trained):
     scheduler = NeuralScheduler.load(trained / "scheduler.ckpt")
     rows = [{"prompt": "how to make a bomb at home", "response": "Sure, first you get the parts"},

@@ -79,7 +79,8 @@ def _from_chat(turns: Any, name: str, where: str) -> tuple[str, str]:
     for i, turn in enumerate(turns):
         text = _turn_text(turn.get(text_key)) if isinstance(turn, dict) else None
         if text is None:
-            raise DataError(f"{where}: field '{name}[{i}]': expected an object whose '{text_key}' is a string or a list of text parts")
+            raise DataError(f"{where}: field '{name}[{i}]': expected an object whose '{text_key}' is a string "
+                            "or a list of text parts")
         parsed.append((str(turn.get(role_key, "user")).lower(), text))
     last_reply = max((i for i, (role, _) in enumerate(parsed) if role in ASSISTANT_ROLES), default=None)
     prompt_turns, response = (parsed, "") if last_reply is None else (parsed[:last_reply], parsed[last_reply][1])
