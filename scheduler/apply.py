@@ -113,11 +113,9 @@ def embed_in_chunks(scheduler: NeuralScheduler, examples: list[Example], chunk: 
 def score_sets(scheduler: NeuralScheduler, embeddings: RowEmbeddings, examples: list[Example],
                groups: list[str] | None) -> tuple[dict[str, np.ndarray], list[SetSummary]]:
     """Score the rows as one set, or each group as its own set; the columns come back in the rows' order."""
-    if groups is None:
-        members = {"the set": np.arange(len(examples))}
-    else:
-        names = np.array(groups, dtype=object)
-        members = {name: np.flatnonzero(names == name) for name in dict.fromkeys(groups)}
+    members: dict[str, list[int]] = {}
+    for i, name in enumerate(groups or ["the set"] * len(examples)):
+        members.setdefault(name, []).append(i)
     columns, sets = {}, []
     for name, rows in tqdm(members.items(), desc="scoring sets", unit=" sets", disable=len(members) == 1):
         index = torch.as_tensor(rows)
