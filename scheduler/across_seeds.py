@@ -1,7 +1,7 @@
 """What validation runs of several seeds say together, and on how many seeds each target of issue #5 is met.
 
 A seed's worst fold moves with the draw of its sets by more than most design changes (the default's, at p = 0.1, from
-0.9142 to 0.9825 over the eighteen package runs in docs/validation/answer_lexical/), so a design is read over seeds.
+0.9142 to 0.9825 over the twenty-three package runs in docs/validation/answer_lexical/), so a design is read over seeds.
 Each run directory is what `python -m scheduler.validate seed=S output_dir=DIR` wrote; its `validation_summary.json`
 holds one row of figures per method.
 
