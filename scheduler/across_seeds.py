@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +35,7 @@ TARGETS = (("auroc_p0.1_worst", 0.95), ("auroc_p0.1_mean", 0.98), ("benign_kept_
 def read_summaries(run_dirs: Sequence[str | Path]) -> Runs:
     """{run name: {method: figures}} from each run's summary, or a DataError naming the file and what is wrong."""
     runs = {}
-    for run_dir in map(Path, run_dirs):
+    for run_dir in sorted(map(Path, run_dirs), key=natural_order):
         path = run_dir / SUMMARY_FILE
         if not path.is_file():
             raise DataError(f"{path}: not found; expected a directory written by `python -m scheduler.validate`")
@@ -49,6 +50,11 @@ def read_summaries(run_dirs: Sequence[str | Path]) -> Runs:
     if not runs:
         raise DataError("no run directories given")
     return runs
+
+
+def natural_order(path: Path) -> list:
+    """seed9 before seed10, whatever order the shell's glob gave."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(path))]
 
 
 def mean_over_seeds(runs: Runs) -> list[dict]:

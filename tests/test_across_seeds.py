@@ -80,3 +80,9 @@ def test_plot_with_an_unknown_format_stops_before_reading(runs, tmp_path, capsys
         main([*map(str, runs), "--output", str(tmp_path / "across.md"), "--plot", str(tmp_path / "across.xyz")])
     assert exit_info.value.code == 2 and "expected a file ending in .png" in capsys.readouterr().err
     assert not (tmp_path / "across.md").exists()
+
+
+def test_runs_are_read_in_natural_order(tmp_path):
+    rows = [{"method": "default", "auroc_p0.1_worst": 0.95}]
+    dirs = [write_run(tmp_path / name, rows) for name in ("seed10", "seed9", "seed2")]
+    assert list(read_summaries(dirs)) == ["seed2", "seed9", "seed10"]
