@@ -39,13 +39,19 @@ class SetSummary:
 
 @dataclass
 class ApplySummary:
-    rows: int
-    below_half: int
     quantiles: dict[str, float]
     output: Path
     histogram: Path | None
     sets: list[SetSummary]
     label_check: dict[str, dict[str, float]] | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.sets)
+
+    @property
+    def below_half(self) -> int:
+        return sum(s.below_half for s in self.sets)
 
     @property
     def expected_harmful_fraction(self) -> float:
@@ -173,7 +179,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     hist = plot_histogram(weights, output_path.with_suffix(".hist.png")) if histogram else None
     quantiles = dict(zip(["min", "q05", "q25", "median", "q75", "q95", "max"],
                          np.quantile(weights, [0, 0.05, 0.25, 0.5, 0.75, 0.95, 1]).tolist(), strict=True))
-    return ApplySummary(len(examples), int((weights < 0.5).sum()), quantiles, output_path, hist, sets,
+    return ApplySummary(quantiles, output_path, hist, sets,
                         label_check(examples, weights, lambda: scheduler.alignment_lookup(embeddings.prompts)))
 
 
