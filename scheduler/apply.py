@@ -30,11 +30,17 @@ class SetSummary:
     below_half: int
     expected_harmful_fraction: float
     scoring_shift: float
+    withheld: int = 0
+
+    @property
+    def shift_text(self) -> str:
+        withheld = f", withheld from {self.withheld} row{'s' * (self.withheld != 1)}" if self.withheld else ""
+        return f"scoring shift applied: {self.scoring_shift:.2f}{withheld}"
 
     def __str__(self) -> str:
         rows = f"{self.rows} row{'s' * (self.rows != 1)}"
         return (f"{self.name}: {rows}, {self.below_half} below 0.5, expected harmful fraction "
-                f"{self.expected_harmful_fraction:.3f} (scoring shift applied: {self.scoring_shift:.2f})")
+                f"{self.expected_harmful_fraction:.3f} ({self.shift_text})")
 
 
 @dataclass
@@ -68,7 +74,7 @@ class ApplySummary:
                 f"weighted below 0.5: {self.below_half} ({self.below_half / self.rows:.1%})\n")
         if len(self.sets) == 1:
             text += (f"expected harmful fraction of the set: {self.expected_harmful_fraction:.3f} "
-                     f"(scoring shift applied: {self.scoring_shift:.2f})\n")
+                     f"({self.sets[0].shift_text})\n")
         else:
             text += f"scored as {len(self.sets)} sets, one per group (each has mean weight 1):\n"
             text += "".join(f"  {s}\n" for s in self.sets[:GROUPS_SHOWN])
@@ -130,7 +136,7 @@ def score_sets(scheduler: NeuralScheduler, embeddings: RowEmbeddings, examples: 
         for column, values in result.columns().items():
             columns.setdefault(column, np.zeros(len(examples)))[rows] = values
         sets.append(SetSummary(name, len(rows), int((result.weight < 0.5).sum()), result.expected_harmful_fraction,
-                               result.scoring_shift))
+                               result.scoring_shift, result.withheld))
     return columns, sets
 
 

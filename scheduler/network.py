@@ -133,11 +133,13 @@ def expected_harmful_fraction(posterior: Posterior) -> float:
 @dataclass
 class ScoredSet:
     """A scored set's posterior, the share of its rows expected harmful before the scoring shift (a set that
-    is mostly harmful may deserve refusing outright, whatever its weights), and the shift it received."""
+    is mostly harmful may deserve refusing outright, whatever its weights), the shift it received, and how many
+    rows got less of it (`SafetyPrior.row_shift`)."""
 
     posterior: Posterior
     expected_harmful_fraction: float
     scoring_shift: float
+    withheld: int = 0
 
 
 class SetPosterior(nn.Module):
@@ -227,5 +229,6 @@ class SetPosterior(nn.Module):
             evidence = self.lexical.evidence(texts, self.alignment_prompts).to(correction)
             correction = correction - self.lexical.weight * evidence
         posterior = Posterior(posterior.mu + correction, posterior.sigma, posterior.prior_mean)
-        return ScoredSet(Posterior(posterior.mu + shift, posterior.sigma, posterior.prior_mean + shift),
-                         harmful_fraction, shift)
+        row_shift = self.prior.row_shift(posterior.moments().mu, shift)
+        return ScoredSet(Posterior(posterior.mu + row_shift, posterior.sigma, posterior.prior_mean + row_shift),
+                         harmful_fraction, shift, int((row_shift < shift).sum()))

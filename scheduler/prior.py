@@ -16,6 +16,11 @@ mostly benign set, so its shift shrinks to 0 (the set-level harmful rate as evid
 once `confident_at` logits of the shift are granted. A clean set of free-form chat holds many rows the unshifted
 posterior doubts a little, and few it is sure of; a contaminated set holds a block it is sure of. The shift of the
 first pass (`scoring_shift_taper`) still decides how sure the set's second look is of each row (`SetRefinement`).
+`withhold_below` applies the same reading row by row: a row whose unshifted logit (after the second look and the
+answer's wording) lies below it is one the evidence alone already calls harmful, and the belief that the set is
+mostly benign is not granted to it. The confident taper withholds the shift from a set that holds a block of such
+rows; a set of free-form chat with a tenth of its rows harmful does not read as such a block, and without this its
+harmful rows kept weights near 1 (docs/validation.md, "The shift withheld row by row").
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ class SafetyPrior(nn.Module):
 
     def __init__(self, kind: str = "alignment", benign_mean: float = 2.0, slope: float = 3.0, scale: float = 1.5,
                  scoring_shift: float = 0.0, scoring_shift_taper: tuple[float, float] | None = None,
-                 confident_at: float = 0.0, confident_taper: tuple[float, float] | None = None):
+                 confident_at: float = 0.0, confident_taper: tuple[float, float] | None = None,
+                 withhold_below: float | None = None, withhold_ramp: float = 1.0):
         super().__init__()
         if kind not in ("alignment", "constant"):
             raise ValueError(f"unknown prior kind '{kind}'; expected 'alignment' or 'constant'")
@@ -57,6 +63,9 @@ class SafetyPrior(nn.Module):
             check_taper(*confident_taper, name="confident_taper")
         self.confident_at = confident_at
         self.confident_taper = confident_taper
+        if withhold_ramp <= 0:
+            raise ValueError(f"withhold_ramp: expected a positive number of logits; got {withhold_ramp:g}")
+        self.withhold_below, self.withhold_ramp = withhold_below, withhold_ramp
         self.register_buffer("center", torch.tensor(0.0))
         self.register_buffer("spread", torch.tensor(1.0))
 
@@ -89,6 +98,14 @@ class SafetyPrior(nn.Module):
             return first_shift
         confident_fraction = float(torch.sigmoid(-(logit.double() + self.confident_at)).mean())
         return tapered(self.scoring_shift, confident_fraction, self.confident_taper)
+
+    def row_shift(self, logit: torch.Tensor, set_shift: float) -> torch.Tensor:
+        """Each row's share of the set's shift, from its unshifted logit `logit` (N,): all of it at or above
+        `withhold_below`, none `withhold_ramp` logits below it, linear between (monotone in the logit, so the rows'
+        order is kept). The whole shift for every row without `withhold_below`."""
+        if self.withhold_below is None:
+            return torch.full_like(logit, set_shift)
+        return set_shift * ((logit - self.withhold_below + self.withhold_ramp) / self.withhold_ramp).clamp(0, 1)
 
     def kl(self, mu: torch.Tensor, sigma: torch.Tensor, prior_mean: torch.Tensor) -> torch.Tensor:
         """KL(N(mu, sigma^2) || N(prior_mean, scale^2)) per sample."""

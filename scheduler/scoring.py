@@ -37,7 +37,8 @@ class ScoreResult:
     sigma: np.ndarray  # posterior standard deviation of the safety logit
     prior_mean: np.ndarray
     expected_harmful_fraction: float = float("nan")  # of the whole set, before the scoring shift
-    scoring_shift: float = 0.0  # added to every row's logit (the prior log-odds of a benign row, tapered)
+    scoring_shift: float = 0.0  # added to the rows' logits (the prior log-odds of a benign row, tapered)
+    withheld: int = 0  # rows that got less of the shift: the evidence alone calls them harmful (`SafetyPrior.row_shift`)
 
     def columns(self) -> dict[str, np.ndarray]:
         return {"weight": self.weight, "weight_std": self.weight_std, "posterior_mu": self.mu,
@@ -140,7 +141,8 @@ class NeuralScheduler:
         weight, std = posterior_weights(posterior.mu, posterior.sigma, self.transform)
         moments = posterior.moments()
         return ScoreResult(weight.numpy(), std.numpy(), moments.mu.numpy(), moments.sigma.numpy(),
-                           posterior.prior_mean.numpy(), scored.expected_harmful_fraction, scored.scoring_shift)
+                           posterior.prior_mean.numpy(), scored.expected_harmful_fraction, scored.scoring_shift,
+                           scored.withheld)
 
     @torch.no_grad()
     def alignment_lookup(self, prompts: torch.Tensor) -> np.ndarray:

@@ -212,6 +212,41 @@ def test_confident_taper_reads_the_rows_a_set_is_sure_of():
         SafetyPrior(confident_taper=(0.3, 0.1))
 
 
+def test_shift_is_withheld_row_by_row_from_rows_the_evidence_calls_harmful():
+    """By hand: with the threshold at -6 and a ramp of 1 logit, a row at or above -6 gets the whole set shift, one
+    at -6.5 half of it, one at -7 or below none; without a threshold every row gets the whole shift."""
+    prior = SafetyPrior(scoring_shift=12.0, withhold_below=-6.0, withhold_ramp=1.0)
+    logit = torch.tensor([-20.0, -7.0, -6.5, -6.0, 0.0, 9.0])
+    torch.testing.assert_close(prior.row_shift(logit, 12.0), torch.tensor([0.0, 0.0, 6.0, 12.0, 12.0, 12.0]))
+    torch.testing.assert_close(prior.row_shift(logit, 3.0), torch.tensor([0.0, 0.0, 1.5, 3.0, 3.0, 3.0]))
+    torch.testing.assert_close(SafetyPrior(scoring_shift=12.0).row_shift(logit, 12.0), torch.full((6,), 12.0))
+    with pytest.raises(ValueError, match="withhold_ramp"):
+        SafetyPrior(withhold_below=-6.0, withhold_ramp=0.0)
+
+
+def test_scored_set_withholds_the_shift_from_rows_below_the_threshold_and_keeps_their_order():
+    """A set scored with and without the threshold: rows whose unshifted logit lies below it keep that logit, the
+    others get the same shifted logit as without it, every row keeps its place, and the set reports the count."""
+    bank = AlignmentBank(unit([[1, 0, 0]]), unit([[0, 1, 0]]))
+    prompts = unit([[1, 0.1, 0], [0, 0, 1], [0.5, 0.2, 1], [0.1, 1, 1], [1, 0.3, 0.2]])
+    responses = unit([[0, 1, 0], [1, 0, 1], [1, 0, 1], [0, 0, 1], [0, 1, 0.1]])
+    network = SchedulerNetwork(3, hidden=8)
+    torch.nn.init.normal_(network.head.weight, std=3.0)
+    plain = SetPosterior(network, SafetyPrior("alignment"), bank, k=1).eval()
+    with torch.no_grad():
+        unshifted = plain.score(prompts, responses).mu
+        threshold = float(unshifted.median())
+        everyone = SetPosterior(network, SafetyPrior("alignment", scoring_shift=12.0), bank, k=1).eval()
+        withheld = SetPosterior(network, SafetyPrior("alignment", scoring_shift=12.0, withhold_below=threshold,
+                                                     withhold_ramp=1e-3), bank, k=1).eval()
+        full, partial = everyone.score_set(prompts, responses), withheld.score_set(prompts, responses)
+    below = unshifted < threshold
+    assert 0 < int(below.sum()) < len(below) and partial.withheld == int(below.sum()) and full.withheld == 0
+    torch.testing.assert_close(partial.posterior.mu[below], unshifted[below])
+    torch.testing.assert_close(partial.posterior.mu[~below], full.posterior.mu[~below])
+    assert torch.equal(partial.posterior.mu.argsort(), full.posterior.mu.argsort())
+
+
 def test_refinement_reads_the_first_pass_shift_and_the_set_gets_the_confident_one():
     """Rows whose logits sit near 0: the first pass expects about half harmful (no shift), the confident taper
     grants the whole shift. The harmful component must weight rows by the first pass's shift, as validated."""
