@@ -11,7 +11,7 @@ from scheduler.data.io import exit_on_data_error
 def main(cfg: DictConfig) -> None:
     with exit_on_data_error():
         summary = apply_scheduler(cfg.checkpoint, cfg.input, cfg.output, cfg.chunk, cfg.histogram, cfg.scoring_shift,
-                                  cfg.scoring_shift_taper, cfg.group_by)
+                                  cfg.scoring_shift_taper, cfg.group_by, cfg.withhold_below)
     print(summary)
 
 

@@ -84,17 +84,21 @@ class NeuralScheduler:
 
     @classmethod
     def load(cls, path: str | os.PathLike, embedder: Embedder | None = None, scoring_shift: float | None = None,
-             scoring_shift_taper: Sequence[float] | None = None) -> NeuralScheduler:
+             scoring_shift_taper: Sequence[float] | None = None,
+             withhold_below: float | None = None) -> NeuralScheduler:
         """Load a checkpoint written by train_scheduler.py (or any BDSModule checkpoint).
 
         `scoring_shift` replaces the checkpoint's prior log-odds of a benign row at scoring (`SafetyPrior`):
         higher keeps more rows at weight >= 0.5, lower flags more. `scoring_shift_taper` replaces the ends of the
         taper that sets the final shift (`SafetyPrior`: the confident taper when the checkpoint has one), the
         harmful fractions over which that shift shrinks to 0: higher ends keep more benign rows of sets that
-        hold harmful rows, and let more harmful weight through. None keeps the checkpoint's."""
+        hold harmful rows, and let more harmful weight through. `withhold_below` withholds the set's shift from rows
+        whose unshifted logit lies below it (`SafetyPrior.row_shift`; -6 was measured): less harmful weight let
+        through, fewer benign rows kept. None keeps the checkpoint's."""
         path = Path(path)
-        if scoring_shift is not None and not isinstance(scoring_shift, (int, float)):
-            raise DataError(f"scoring_shift: expected a number (log-odds, e.g. 0 or 5); got {scoring_shift!r}")
+        for name, value in (("scoring_shift", scoring_shift), ("withhold_below", withhold_below)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise DataError(f"{name}: expected a number (a logit, e.g. 0 or -6); got {value!r}")
         taper = None if scoring_shift_taper is None else checked_taper(scoring_shift_taper)
         if not path.is_file():
             raise DataError(f"{path}: checkpoint not found")
@@ -111,6 +115,8 @@ class NeuralScheduler:
         if taper is not None:
             final = "confident_taper" if config["prior"].get("confident_taper") else "scoring_shift_taper"
             config = {**config, "prior": {**config["prior"], final: taper}}
+        if withhold_below is not None:
+            config = {**config, "prior": {**config["prior"], "withhold_below": float(withhold_below)}}
         prefix = "posterior."
         state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         bank = AlignmentBank(state["bank_prompts"], state["bank_responses"], state.get("bank_joint"))

@@ -93,6 +93,9 @@ def test_apply_missing_input_and_bad_checkpoint(checkpoint, tmp_path):
     result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}",
                        "scoring_shift_taper=[0.5,0.1]")
     assert result.returncode != 0 and "scoring_shift_taper: expected 0 <= low < high <= 1; got [0.5, 0.1]" in result.stderr
+    result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}",
+                       "withhold_below=low")
+    assert result.returncode != 0 and "withhold_below: expected a number" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "o.jsonl").exists()
 
 

@@ -187,6 +187,28 @@ def test_scoring_shift_of_the_checkpoint_can_be_overridden_at_scoring(trained, d
     assert "(scoring shift applied: 0.00)" in str(summary)
 
 
+def test_withhold_below_overrides_which_rows_get_the_shift(trained, data_dir, tmp_path):
+    """`withhold_below` at scoring: above every row's unshifted logit no row gets the set's shift (the logits are
+    the unshifted ones, and the summary counts every row), below every row each gets it (the checkpoint's scores)."""
+    from scheduler.apply import apply_scheduler
+
+    checkpoint = trained / "scheduler.ckpt"
+    rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
+    full_shift = [0.999, 1.0]  # a taper that grants this set the whole shift, so that there is a shift to withhold
+    unshifted = without_refinement(NeuralScheduler.load(checkpoint, scoring_shift=0)).score(rows)
+    withheld = without_refinement(NeuralScheduler.load(checkpoint, scoring_shift_taper=full_shift,
+                                                       withhold_below=1e6)).score(rows)
+    shifted = without_refinement(NeuralScheduler.load(checkpoint, scoring_shift_taper=full_shift)).score(rows)
+    assert withheld.scoring_shift == shifted.scoring_shift > 0 and withheld.withheld == len(rows) and shifted.withheld == 0
+    np.testing.assert_allclose(withheld.mu, unshifted.mu, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(shifted.mu, unshifted.mu + shifted.scoring_shift, rtol=0, atol=1e-4)
+    kept = NeuralScheduler.load(checkpoint, withhold_below=-1e6).score(rows)
+    np.testing.assert_allclose(kept.weight, NeuralScheduler.load(checkpoint).score(rows).weight, rtol=0, atol=1e-12)
+    summary = apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "withheld.jsonl", histogram=False,
+                              scoring_shift_taper=full_shift, withhold_below=1e6)
+    assert f"withheld from {len(rows)} rows" in str(summary)
+
+
 def test_resume_from_last_checkpoint(trained, data_dir, tiny_embedder_path, tiny_lm_path, tmp_path):
     overrides = train_overrides(data_dir, tmp_path, tiny_embedder_path, tiny_lm_path, steps=8)
     result = run_script("train_scheduler.py", *overrides, f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}",
