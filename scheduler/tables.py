@@ -33,7 +33,8 @@ def markdown(table: list[dict], digits: int = 3) -> str:
 
 
 def per_fold_table(results: list[dict], methods: list[str], set_name: str = "p=0.1") -> str:
-    folds = sorted({r["fold"] for r in results})
+    """AUROC per fold (the folds that scored `set_name`: a task fold's mixed file has no category-fold twin) and method."""
+    folds = sorted({r["fold"] for r in results if r["set"] == set_name})
     lines = ["| fold | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
     for fold in folds:
         cells = [next(r["auroc"] for r in results if r["fold"] == fold and r["method"] == m and r["set"] == set_name)

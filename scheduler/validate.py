@@ -62,6 +62,7 @@ class Fold:
     eval_benign: list[Example]
     eval_harmful: list[Example]
     other_harmful: list[Example] = field(default_factory=list)
+    other_tasks: dict[str, list[Example]] = field(default_factory=dict)  # other tasks' rows no training pool holds
 
 
 def first_sentence(text: str) -> str:
@@ -72,7 +73,8 @@ def make_folds(cfg: DictConfig, tasks: dict[str, list[Example]], harmful: list[E
                other_harmful: list[Example] = ()) -> list[Fold]:
     """Training pools never contain the held-out task or any row of a held-out category (asserted in tests).
 
-    `other_harmful` (harmful rows from sources training never uses) is only ever evaluated.
+    `other_harmful` (harmful rows from sources training never uses) is only ever evaluated, and so are the other
+    tasks' rows outside the training pools, which a task fold's mixed file puts beside the held-out task.
     """
     rng = random.Random(cfg.seed)
     pools = {name: rng.sample(rows, min(cfg.rows_per_task, len(rows))) for name, rows in tasks.items()}
@@ -83,7 +85,7 @@ def make_folds(cfg: DictConfig, tasks: dict[str, list[Example]], harmful: list[E
     train_harmful = shuffled[:cut][: cfg.harmful_pool]
     other = list(other_harmful)
     folds = [Fold(f"task:{name}", {t: p for t, p in pools.items() if t != name}, train_harmful, tasks[name], shuffled[cut:],
-                  other) for name in cfg.task_folds or sorted(tasks)]
+                  other, {t: rows for t, rows in held.items() if t != name}) for name in cfg.task_folds or sorted(tasks)]
     for group in cfg.category_folds:
         train = [e for e in split_by_category(shuffled[:cut], group)[0] if categories_of(e)][: cfg.harmful_pool]
         evaluation = split_by_category(shuffled, group)[1]
@@ -135,7 +137,20 @@ def eval_sets(fold: Fold, cfg: DictConfig, seed: int, rejected: set[str] = froze
         sets.append(shifted("other_sources", fold.other_harmful))
     sets += [framed("unseen_frames", UNSEEN_FRAMES), shifted("wrapped_answers", wrap_answers(fold.eval_harmful)),
              framed("fresh_frames", FRESH_FRAMES), framed("blind_frames", BLIND_FRAMES)]
+    held_out = next((s for s in sets if s.name == "p=0.1"), None)
+    if cfg.mixed_file.tasks and fold.other_tasks and held_out:
+        sets.append(mixed_file(held_out, fold.other_tasks, cfg.mixed_file, rng))
     return sets
+
+
+def mixed_file(held_out: FineTuningSet, other_tasks: dict[str, list[Example]], spec: DictConfig,
+               rng: random.Random) -> FineTuningSet:
+    """The held-out task's p = 0.1 set inside a file with `spec.rows` benign rows of each of `spec.tasks` other tasks
+    (rows no training pool holds), scored as one set, its figures read on the held-out task's rows: a user's file
+    that mixes tasks, scored without `group_by`."""
+    names = rng.sample(sorted(other_tasks), min(spec.tasks, len(other_tasks)))
+    context = [e for name in names for e in rng.sample(other_tasks[name], min(spec.rows, len(other_tasks[name])))]
+    return FineTuningSet("mixed_file", held_out.examples + context, measured=len(held_out))
 
 
 def fill_energy(module, sets: list[EmbeddedSet], stats: AlignedLMStats | None, signal: str) -> None:
@@ -217,11 +232,12 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
     scorers["supervised_filter"] = lambda s: supervised.weights(s.prompts, s.responses)
     results, scored_rows = [], []
     for s in evaluation:
+        measured = s.measured or len(s.examples)
         for method, score in scorers.items():
-            weights = score(s)
+            weights = score(s)[:measured]
             results.append({"fold": fold.name, "set": s.name, "method": method,
-                            **detection_metrics(s.labels.numpy(), weights)})
-            scored_rows.append((s.examples, weights))
+                            **detection_metrics(s.labels.numpy()[:measured], weights)})
+            scored_rows.append((s.examples[:measured], weights))
     return results, scored_rows
 
 
@@ -233,7 +249,7 @@ def row_weights(where: dict, examples: list[Example], weights: np.ndarray) -> li
 
 # Columns beside p = 0.1: the same set with less label noise, then the shifted sets.
 EXTRA_SETS = ("p=0.1 audited", "disguised", "other_sources", "unseen_frames", "wrapped_answers", "fresh_frames",
-              "blind_frames")
+              "blind_frames", "mixed_file")
 
 
 def summarise(results: list[dict], methods: list[str]) -> list[dict]:

@@ -49,6 +49,10 @@ def test_task_folds_never_train_on_the_held_out_task(folds_and_data):
         assert held_out not in fold.train_tasks and not trained & ids(tasks[held_out])
         assert not ids(fold.train_harmful) & ids(fold.eval_harmful)
         assert ids(fold.eval_benign) == ids(tasks[held_out])
+        # the mixed file's other tasks: never the held-out task, never a row a training pool holds
+        assert held_out not in fold.other_tasks and sorted(fold.other_tasks) == sorted(fold.train_tasks)
+        for task, rows in fold.other_tasks.items():
+            assert rows and ids(rows) <= ids(tasks[task]) and not ids(rows) & trained
 
 
 def test_category_folds_never_train_on_held_out_categories(folds_and_data):
@@ -64,7 +68,13 @@ def test_eval_sets_have_the_requested_ratios_and_the_shifted_sets(folds_and_data
     cfg, folds, _ = folds_and_data
     sets = {s.name: s for s in eval_sets(folds[0], cfg, seed=1)}
     assert list(sets) == ["p=0.0", "p=0.05", "p=0.1", "p=0.3", "length_balanced", "disguised", "other_sources",
-                          "unseen_frames", "wrapped_answers", "fresh_frames", "blind_frames"]
+                          "unseen_frames", "wrapped_answers", "fresh_frames", "blind_frames", "mixed_file"]
+    mixed, held_out = sets["mixed_file"], sets["p=0.1"]  # the p = 0.1 set first, read alone; other tasks' rows after
+    assert mixed.measured == len(held_out) and mixed.examples[:len(held_out)] == held_out.examples
+    context = mixed.examples[len(held_out):]
+    other_rows = set().union(*(ids(rows) for rows in folds[0].other_tasks.values()))
+    assert len(context) == sum(min(cfg.mixed_file.rows, len(rows)) for rows in folds[0].other_tasks.values())
+    assert ids(context) <= other_rows and all(e.label == "benign" for e in context)
     assert [sum(sets[f"p={p}"].labels) for p in (0.0, 0.05, 0.1, 0.3)] == [0, 1, 2, 6]
     assert first_sentence("Sure. Then do this. And that.") == "Sure."
     originals = {e.prompt: e.response for e in folds[0].eval_harmful}
@@ -298,7 +308,8 @@ def test_validation_command_end_to_end_and_each_design_reproduces_alone(data_dir
     table, results = run("[prior_only,default]", tmp_path / "both")
     assert {row["method"] for row in table} == {"prior_only", "default", "default@shift=0", "default@shift=9",
                                                 "alignment_lookup", "supervised_filter"}
-    assert len(results) == 4 * 6 * 10  # folds x methods x sets (4 ratios, length-balanced, five attack sets)
+    # folds x methods x sets (4 ratios, length-balanced, five attack sets; the three task folds' mixed file too)
+    assert len(results) == (4 * 10 + 3) * 6
     assert all(np.isfinite(row["auroc_unseen_frames_worst"]) and np.isfinite(row["auroc_wrapped_answers_mean"])
                and np.isfinite(row["auroc_fresh_frames_worst"]) and np.isfinite(row["auroc_blind_frames_worst"])
                for row in table)

@@ -34,6 +34,7 @@ class EmbeddedSet:
     row_ids: torch.Tensor
     labels: torch.Tensor  # 1 = harmful; monitoring only
     joint: torch.Tensor | None = None  # prompt and answer read as one text
+    measured: int | None = None  # `FineTuningSet.measured`
 
 
 def joint_of(embedded: EmbeddedSet, device: torch.device | str = "cpu") -> torch.Tensor | None:
@@ -59,7 +60,7 @@ def embed_sets(sets: Sequence[FineTuningSet], embedder: Embedder, first_row_id: 
         n = len(fine_tuning_set)
         embedded.append(EmbeddedSet(fine_tuning_set.name, fine_tuning_set.examples, prompts, responses,
                                     torch.arange(next_id, next_id + n), torch.tensor(fine_tuning_set.labels),
-                                    joint_embeddings))
+                                    joint_embeddings, fine_tuning_set.measured))
         next_id += n
     return embedded
 

@@ -20,10 +20,12 @@ HARMFUL = "harmful"
 
 @dataclass
 class FineTuningSet:
-    """One simulated user dataset; `labels` (1 = harmful) are for monitoring only."""
+    """One simulated user dataset; `labels` (1 = harmful) are for monitoring only. `measured`: how many of the first
+    rows validation reads its figures on (None = all); the rows after them are context, scored with the set."""
 
     name: str
     examples: list[Example]
+    measured: int | None = None
 
     @property
     def labels(self) -> list[int]:
