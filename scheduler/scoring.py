@@ -110,13 +110,14 @@ class NeuralScheduler:
             raise DataError(f"{path}: not a scheduler checkpoint (no '{CHECKPOINT_KEY}' entry); expected a file "
                             "written by train_scheduler.py")
         config = checkpoint[CHECKPOINT_KEY]
+        prior = dict(config["prior"])  # the operating point's overrides; the checkpoint's config is left as it is
         if scoring_shift is not None:
-            config = {**config, "prior": {**config["prior"], "scoring_shift": float(scoring_shift)}}
+            prior["scoring_shift"] = float(scoring_shift)
         if taper is not None:
-            final = "confident_taper" if config["prior"].get("confident_taper") else "scoring_shift_taper"
-            config = {**config, "prior": {**config["prior"], final: taper}}
+            prior["confident_taper" if prior.get("confident_taper") else "scoring_shift_taper"] = taper
         if withhold_below is not None:
-            config = {**config, "prior": {**config["prior"], "withhold_below": float(withhold_below)}}
+            prior["withhold_below"] = float(withhold_below)
+        config = {**config, "prior": prior}
         prefix = "posterior."
         state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         bank = AlignmentBank(state["bank_prompts"], state["bank_responses"], state.get("bank_joint"))
