@@ -10,8 +10,10 @@ from scheduler.data.io import exit_on_data_error
 @hydra.main(config_path="conf", config_name="apply", version_base=None)
 def main(cfg: DictConfig) -> None:
     with exit_on_data_error():
-        summary = apply_scheduler(cfg.checkpoint, cfg.input, cfg.output, cfg.chunk, cfg.histogram, cfg.scoring_shift,
-                                  cfg.scoring_shift_taper, cfg.group_by, cfg.withhold_below)
+        summary = apply_scheduler(cfg.checkpoint, cfg.input, cfg.output, cfg.chunk, cfg.histogram,
+                                  scoring_shift=cfg.scoring_shift, scoring_shift_taper=cfg.scoring_shift_taper,
+                                  group_by=cfg.group_by, withhold_below=cfg.withhold_below,
+                                  withhold_block=cfg.withhold_block)
     print(summary)
 
 

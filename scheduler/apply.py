@@ -167,11 +167,12 @@ def plot_histogram(weights: np.ndarray, path: Path) -> Path:
 def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path: str | Path, chunk: int = 512,
                     histogram: bool = True, scoring_shift: float | None = None,
                     scoring_shift_taper: Sequence[float] | None = None, group_by: str | None = None,
-                    withhold_below: float | None = None) -> ApplySummary:
+                    withhold_below: float | None = None,
+                    withhold_block: Sequence[float] | None = None) -> ApplySummary:
     """Read, embed, score and write atomically; the input file is never modified.
 
-    `scoring_shift`, `scoring_shift_taper` and `withhold_below` override the checkpoint's operating point
-    (`NeuralScheduler.load`).
+    `scoring_shift`, `scoring_shift_taper`, `withhold_below` and `withhold_block` override the checkpoint's
+    operating point (`NeuralScheduler.load`).
     `group_by` names a field (a task or source column) whose values split the file into sets scored apart: the
     posterior reads each row against its own set, so a task that is a small part of a mixed file is read against
     rows like it."""
@@ -180,7 +181,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
         raise DataError(f"{output_path}: output would overwrite the input; choose another output path")
     examples, groups = read_all(input_path, group_by)  # fail on bad rows before spending time on the model
     scheduler = NeuralScheduler.load(checkpoint, scoring_shift=scoring_shift, scoring_shift_taper=scoring_shift_taper,
-                                     withhold_below=withhold_below)
+                                     withhold_below=withhold_below, withhold_block=withhold_block)
     embeddings = embed_in_chunks(scheduler, examples, chunk)
     columns, sets = score_sets(scheduler, embeddings, examples, groups)
     write_rows(output_rows(examples, columns), output_path)

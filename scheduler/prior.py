@@ -20,7 +20,10 @@ first pass (`scoring_shift_taper`) still decides how sure the set's second look 
 answer's wording) lies below it is one the evidence alone already calls harmful, and the belief that the set is
 mostly benign is not granted to it. The confident taper withholds the shift from a set that holds a block of such
 rows; a set of free-form chat with a tenth of its rows harmful does not read as such a block, and without this its
-harmful rows kept weights near 1 (docs/validation.md, "The shift withheld row by row").
+harmful rows kept weights near 1 (docs/validation.md, "The shift withheld row by row"). `withhold_block` asks the
+set first, as the confident taper does: the lower tail of a clean set of free-form chat also lies below the
+threshold, so the shift is withheld only from a set holding more such rows than a clean set does (docs/validation.md,
+"Withheld only from a block").
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ class SafetyPrior(nn.Module):
     def __init__(self, kind: str = "alignment", benign_mean: float = 2.0, slope: float = 3.0, scale: float = 1.5,
                  scoring_shift: float = 0.0, scoring_shift_taper: tuple[float, float] | None = None,
                  confident_at: float = 0.0, confident_taper: tuple[float, float] | None = None,
-                 withhold_below: float | None = None, withhold_ramp: float = 1.0):
+                 withhold_below: float | None = None, withhold_ramp: float = 1.0,
+                 withhold_block: tuple[float, float] | None = None):
         super().__init__()
         if kind not in ("alignment", "constant"):
             raise ValueError(f"unknown prior kind '{kind}'; expected 'alignment' or 'constant'")
@@ -66,6 +70,9 @@ class SafetyPrior(nn.Module):
         if withhold_ramp <= 0:
             raise ValueError(f"withhold_ramp: expected a positive number of logits; got {withhold_ramp:g}")
         self.withhold_below, self.withhold_ramp = withhold_below, withhold_ramp
+        if withhold_block is not None:
+            check_taper(*withhold_block, name="withhold_block")
+        self.withhold_block = withhold_block
         self.register_buffer("center", torch.tensor(0.0))
         self.register_buffer("spread", torch.tensor(1.0))
 
@@ -102,10 +109,21 @@ class SafetyPrior(nn.Module):
     def row_shift(self, logit: torch.Tensor, set_shift: float) -> torch.Tensor:
         """Each row's share of the set's shift, from its unshifted logit `logit` (N,): all of it at or above
         `withhold_below`, none `withhold_ramp` logits below it, linear between (monotone in the logit, so the rows'
-        order is kept). The whole shift for every row without `withhold_below`."""
+        order is kept). With `withhold_block`, only as much of that is withheld as `block_strength` grants. The whole
+        shift for every row without `withhold_below`."""
         if self.withhold_below is None:
             return torch.full_like(logit, set_shift)
-        return set_shift * ((logit - self.withhold_below + self.withhold_ramp) / self.withhold_ramp).clamp(0, 1)
+        share = ((logit - self.withhold_below + self.withhold_ramp) / self.withhold_ramp).clamp(0, 1)
+        return set_shift * (1 - self.block_strength(logit) * (1 - share))
+
+    def block_strength(self, logit: torch.Tensor) -> float:
+        """How much of the withholding a set gets: none while its share of rows below `withhold_below` (soft, as the
+        confident taper's share) is at most `withhold_block`'s low end, all of it from the high end, linear between;
+        all of it without `withhold_block`."""
+        if self.withhold_block is None:
+            return 1.0
+        below = float(torch.sigmoid(self.withhold_below - logit.double()).mean())
+        return 1.0 - tapered(1.0, below, self.withhold_block)
 
     def kl(self, mu: torch.Tensor, sigma: torch.Tensor, prior_mean: torch.Tensor) -> torch.Tensor:
         """KL(N(mu, sigma^2) || N(prior_mean, scale^2)) per sample."""

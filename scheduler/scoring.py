@@ -56,14 +56,14 @@ def build_posterior(config: dict[str, Any], bank: AlignmentBank) -> SetPosterior
                         alignment_prompts=tuple(config.get("alignment_prompts", ())))
 
 
-def checked_taper(taper: Any) -> list[float]:
-    """Two expected harmful fractions 0 <= low < high <= 1, or a one-line error naming the option."""
+def checked_taper(taper: Any, name: str = "scoring_shift_taper") -> list[float]:
+    """Two harmful fractions 0 <= low < high <= 1, or a one-line error naming the option."""
     try:
         low, high = (float(end) for end in taper)
     except (TypeError, ValueError):
-        raise DataError(f"scoring_shift_taper: expected two harmful fractions [low, high]; got {taper!r}") from None
+        raise DataError(f"{name}: expected two harmful fractions [low, high]; got {taper!r}") from None
     try:
-        check_taper(low, high)
+        check_taper(low, high, name)
     except ValueError as error:
         raise DataError(str(error)) from None
     return [low, high]
@@ -85,7 +85,8 @@ class NeuralScheduler:
     @classmethod
     def load(cls, path: str | os.PathLike, embedder: Embedder | None = None, scoring_shift: float | None = None,
              scoring_shift_taper: Sequence[float] | None = None,
-             withhold_below: float | None = None) -> NeuralScheduler:
+             withhold_below: float | None = None,
+             withhold_block: Sequence[float] | None = None) -> NeuralScheduler:
         """Load a checkpoint written by train_scheduler.py (or any BDSModule checkpoint).
 
         `scoring_shift` replaces the checkpoint's prior log-odds of a benign row at scoring (`SafetyPrior`):
@@ -94,12 +95,14 @@ class NeuralScheduler:
         harmful fractions over which that shift shrinks to 0: higher ends keep more benign rows of sets that
         hold harmful rows, and let more harmful weight through. `withhold_below` withholds the set's shift from rows
         whose unshifted logit lies below it (`SafetyPrior.row_shift`; -6 was measured): less harmful weight let
-        through, fewer benign rows kept. None keeps the checkpoint's."""
+        through, fewer benign rows kept. `withhold_block` withholds it only from a set whose share of such rows exceeds
+        its low end ([0.06, 0.07] was measured). None keeps the checkpoint's."""
         path = Path(path)
         for name, value in (("scoring_shift", scoring_shift), ("withhold_below", withhold_below)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise DataError(f"{name}: expected a number (a logit, e.g. 0 or -6); got {value!r}")
         taper = None if scoring_shift_taper is None else checked_taper(scoring_shift_taper)
+        block = None if withhold_block is None else checked_taper(withhold_block, "withhold_block")
         if not path.is_file():
             raise DataError(f"{path}: checkpoint not found")
         try:
@@ -117,6 +120,8 @@ class NeuralScheduler:
             prior["confident_taper" if prior.get("confident_taper") else "scoring_shift_taper"] = taper
         if withhold_below is not None:
             prior["withhold_below"] = float(withhold_below)
+        if block is not None:
+            prior["withhold_block"] = block
         config = {**config, "prior": prior}
         prefix = "posterior."
         state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}

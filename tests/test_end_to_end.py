@@ -209,6 +209,26 @@ def test_withhold_below_overrides_which_rows_get_the_shift(trained, data_dir, tm
     assert f"withheld from {len(rows)} rows" in str(summary)
 
 
+def test_withhold_block_asks_the_set_before_withholding_the_shift(trained, data_dir):
+    """`withhold_block` at scoring, with the threshold at the median unshifted logit (about half the rows below it):
+    a block the set does not reach leaves the checkpoint's shifted scores; one it exceeds withholds the shift from the
+    rows below, exactly as without a block."""
+    checkpoint = trained / "scheduler.ckpt"
+    rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
+    full_shift = [0.999, 1.0]
+    median = float(np.median(without_refinement(NeuralScheduler.load(checkpoint, scoring_shift=0)).score(rows).mu))
+
+    def scored(**block):
+        return without_refinement(NeuralScheduler.load(checkpoint, scoring_shift_taper=full_shift,
+                                                       withhold_below=median, **block)).score(rows)
+
+    shifted = without_refinement(NeuralScheduler.load(checkpoint, scoring_shift_taper=full_shift)).score(rows)
+    unreached, exceeded, unblocked = scored(withhold_block=[0.9, 0.95]), scored(withhold_block=[0.05, 0.1]), scored()
+    assert unreached.withheld == 0 and 0 < exceeded.withheld == unblocked.withheld < len(rows)
+    np.testing.assert_allclose(unreached.mu, shifted.mu, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(exceeded.mu, unblocked.mu, rtol=0, atol=1e-5)
+
+
 def test_resume_from_last_checkpoint(trained, data_dir, tiny_embedder_path, tiny_lm_path, tmp_path):
     overrides = train_overrides(data_dir, tmp_path, tiny_embedder_path, tiny_lm_path, steps=8)
     result = run_script("train_scheduler.py", *overrides, f"ckpt_path={trained / 'checkpoints' / 'last.ckpt'}",

@@ -224,6 +224,25 @@ def test_shift_is_withheld_row_by_row_from_rows_the_evidence_calls_harmful():
         SafetyPrior(withhold_below=-6.0, withhold_ramp=0.0)
 
 
+def test_shift_is_withheld_only_from_a_set_holding_a_block_of_rows_below_the_threshold():
+    """By hand: the block's strength is the set's soft share of rows below the threshold, mean sigmoid(-6 - logit),
+    read through the block's ends. Five rows far below -6 out of 100 (share 0.05) are under the low end: every row
+    keeps the whole shift. Ten (0.10) are over the high end: those rows get none. At share 0.065, halfway, they get half."""
+    prior = SafetyPrior(scoring_shift=12.0, withhold_below=-6.0, withhold_ramp=1.0, withhold_block=(0.06, 0.07))
+
+    def set_with(far_below: int) -> torch.Tensor:
+        return torch.cat([torch.full((far_below,), -60.0), torch.full((100 - far_below,), 60.0)])
+
+    torch.testing.assert_close(prior.row_shift(set_with(5), 12.0), torch.full((100,), 12.0))
+    torch.testing.assert_close(prior.row_shift(set_with(10), 12.0)[:10], torch.zeros(10))
+    torch.testing.assert_close(prior.row_shift(set_with(10), 12.0)[10:], torch.full((90,), 12.0))
+    halfway = torch.cat([torch.full((6,), -60.0), torch.tensor([-6.0]), torch.full((93,), 60.0)])  # 6 + 0.5 of 100
+    assert prior.block_strength(halfway) == pytest.approx(0.5)
+    torch.testing.assert_close(prior.row_shift(halfway, 12.0)[:6], torch.full((6,), 6.0))
+    with pytest.raises(ValueError, match="withhold_block"):
+        SafetyPrior(withhold_below=-6.0, withhold_block=(0.07, 0.06))
+
+
 def test_scored_set_withholds_the_shift_from_rows_below_the_threshold_and_keeps_their_order():
     """A set scored with and without the threshold: rows whose unshifted logit lies below it keep that logit, the
     others get the same shifted logit as without it, every row keeps its place, and the set reports the count."""
