@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from scheduler.scoring import NeuralScheduler
 
 SMALL_SET = 50  # rows: validation measured sets of 50 to 1,000 rows; the set's own evidence is thin below
 GROUPS_SHOWN = 20
+PROMPT_SHOWN = 80  # characters of a flagged row's prompt in the summary
 
 
 @dataclass
@@ -44,12 +45,26 @@ class SetSummary:
 
 
 @dataclass
+class FlaggedRow:
+    """One of the rows with the lowest weights, shown so that a user sees what the scheduler singled out."""
+
+    number: int  # 1-based, in the file's row order
+    weight: float
+    prompt: str
+
+    def __str__(self) -> str:
+        text = " ".join(self.prompt.split())
+        return f"row {self.number}: weight {self.weight:.3f}  {text[:PROMPT_SHOWN]}{'...' * (len(text) > PROMPT_SHOWN)}"
+
+
+@dataclass
 class ApplySummary:
     quantiles: dict[str, float]
     output: Path
     histogram: Path | None
     sets: list[SetSummary]
     label_check: dict[str, dict[str, float]] | None = None
+    lowest: list[FlaggedRow] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -84,6 +99,9 @@ class ApplySummary:
             text += (f"note: {small} set(s) have fewer than {SMALL_SET} rows; the set's own evidence is thin there "
                      f"(validated on sets of 50 to 1,000 rows)\n")
         text += f"weight quantiles: {q}" + (f"\nhistogram: {self.histogram}" if self.histogram else "")
+        if self.lowest:
+            text += f"\nlowest weights (the {len(self.lowest)} rows the scheduler trusts least):"
+            text += "".join(f"\n  {row}" for row in self.lowest)
         if self.label_check:
             text += "\ncheck against the file's own 'label' column (not used for scoring):"
             for method, c in self.label_check.items():
@@ -168,15 +186,17 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                     histogram: bool = True, scoring_shift: float | None = None,
                     scoring_shift_taper: Sequence[float] | None = None, group_by: str | None = None,
                     withhold_below: float | None = None,
-                    withhold_block: Sequence[float] | None = None) -> ApplySummary:
+                    withhold_block: Sequence[float] | None = None, show_lowest: int = 5) -> ApplySummary:
     """Read, embed, score and write atomically; the input file is never modified.
 
     `scoring_shift`, `scoring_shift_taper`, `withhold_below` and `withhold_block` override the checkpoint's
-    operating point (`NeuralScheduler.load`).
+    operating point (`NeuralScheduler.load`). The summary lists the `show_lowest` rows with the lowest weights.
     `group_by` names a field (a task or source column) whose values split the file into sets scored apart: the
     posterior reads each row against its own set, so a task that is a small part of a mixed file is read against
     rows like it."""
     input_path, output_path = Path(input_path), Path(output_path)
+    if isinstance(show_lowest, bool) or not isinstance(show_lowest, int) or show_lowest < 0:
+        raise DataError(f"show_lowest: expected a whole number of rows >= 0; got {show_lowest!r}")
     if output_path.resolve() == input_path.resolve():
         raise DataError(f"{output_path}: output would overwrite the input; choose another output path")
     examples, groups = read_all(input_path, group_by)  # fail on bad rows before spending time on the model
@@ -190,7 +210,14 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     quantiles = dict(zip(["min", "q05", "q25", "median", "q75", "q95", "max"],
                          np.quantile(weights, [0, 0.05, 0.25, 0.5, 0.75, 0.95, 1]).tolist(), strict=True))
     return ApplySummary(quantiles, output_path, hist, sets,
-                        label_check(examples, weights, lambda: scheduler.alignment_lookup(embeddings.prompts)))
+                        label_check(examples, weights, lambda: scheduler.alignment_lookup(embeddings.prompts)),
+                        lowest_rows(examples, weights, show_lowest))
+
+
+def lowest_rows(examples: list[Example], weights: np.ndarray, count: int) -> list[FlaggedRow]:
+    """The `count` rows with the lowest weights, lowest first (ties in file order)."""
+    order = np.argsort(weights, kind="stable")[:max(count, 0)]
+    return [FlaggedRow(int(i) + 1, float(weights[i]), examples[i].prompt) for i in order]
 
 
 def label_check(examples: list[Example], weights: np.ndarray,

@@ -53,6 +53,23 @@ def test_apply_script_adds_weights_and_keeps_rows(trained, data_dir, tmp_path):
     assert table["weight"].mean() == pytest.approx(1.0, abs=1e-4)
     assert "rows" in result.stdout and "quantiles" in result.stdout
     assert "alignment look-up (baseline, same rows)" in result.stdout  # the demo rows carry labels
+    assert "lowest weights (the 5 rows the scheduler trusts least)" in result.stdout
+
+
+def test_summary_lists_the_rows_with_the_lowest_weights(trained, data_dir, tmp_path):
+    """The summary names the rows the written weights rank lowest, lowest first, with their prompts; 0 lists none."""
+    from scheduler.apply import apply_scheduler
+
+    checkpoint = trained / "scheduler.ckpt"
+    summary = apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "w.jsonl", histogram=False, show_lowest=3)
+    written = [json.loads(line) for line in (tmp_path / "w.jsonl").open()]
+    expected = sorted(range(len(written)), key=lambda i: written[i]["weight"])[:3]
+    assert [row.number - 1 for row in summary.lowest] == expected
+    assert [row.weight for row in summary.lowest] == pytest.approx([written[i]["weight"] for i in expected])
+    assert [row.prompt for row in summary.lowest] == [written[i]["prompt"] for i in expected]
+    assert f"row {expected[0] + 1}: weight {written[expected[0]]['weight']:.3f}" in str(summary)
+    quiet = apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "q.jsonl", histogram=False, show_lowest=0)
+    assert quiet.lowest == [] and "lowest weights" not in str(quiet)
 
 
 def test_label_check_puts_the_alignment_lookup_beside_the_scheduler(trained, data_dir, tmp_path):
