@@ -215,8 +215,8 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
 
 
 def lowest_rows(examples: list[Example], weights: np.ndarray, count: int) -> list[FlaggedRow]:
-    """The `count` rows with the lowest weights, lowest first (ties in file order)."""
-    order = np.argsort(weights, kind="stable")[:max(count, 0)]
+    """The `count` rows (>= 0, checked by `apply_scheduler`) with the lowest weights, lowest first (ties in file order)."""
+    order = np.argsort(weights, kind="stable")[:count]
     return [FlaggedRow(int(i) + 1, float(weights[i]), examples[i].prompt) for i in order]
 
 
