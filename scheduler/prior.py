@@ -33,7 +33,7 @@ from torch import nn
 
 
 def check_taper(low: float, high: float, name: str = "scoring_shift_taper") -> None:
-    """The taper's ends are expected harmful fractions with 0 <= low < high <= 1."""
+    """A taper's (or the block's) ends are fractions of the set with 0 <= low < high <= 1."""
     if not 0 <= low < high <= 1:
         raise ValueError(f"{name}: expected 0 <= low < high <= 1; got [{low:g}, {high:g}]")
 

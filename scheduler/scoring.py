@@ -57,11 +57,12 @@ def build_posterior(config: dict[str, Any], bank: AlignmentBank) -> SetPosterior
 
 
 def checked_taper(taper: Any, name: str = "scoring_shift_taper") -> list[float]:
-    """Two harmful fractions 0 <= low < high <= 1, or a one-line error naming the option."""
+    """Two fractions of the set 0 <= low < high <= 1 (harmful fractions for a taper, shares of rows below
+    `withhold_below` for the block), or a one-line error naming the option."""
     try:
         low, high = (float(end) for end in taper)
     except (TypeError, ValueError):
-        raise DataError(f"{name}: expected two harmful fractions [low, high]; got {taper!r}") from None
+        raise DataError(f"{name}: expected two fractions of the set [low, high]; got {taper!r}") from None
     try:
         check_taper(low, high, name)
     except ValueError as error:
