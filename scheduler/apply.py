@@ -20,6 +20,11 @@ from scheduler.scoring import NeuralScheduler
 SMALL_SET = 50  # rows: validation measured sets of 50 to 1,000 rows; the set's own evidence is thin below
 GROUPS_SHOWN = 20
 PROMPT_SHOWN = 80  # characters of a flagged row's prompt in the summary
+# A set whose expected harmful fraction reaches this reads mostly harmful. Weights have mean 1 within a set, so they
+# cannot make such a set safe to train on. With the default checkpoint, clean sets read 0.01-0.19 and sets of 200
+# rows read 0.30-0.37 at a harmful ratio of 0.3, 0.47-0.49 at 0.5 and 0.64-0.83 when wholly harmful
+# (docs/validation.md, "Sets that read mostly harmful").
+MOSTLY_HARMFUL = 0.4
 
 
 @dataclass
@@ -37,6 +42,10 @@ class SetSummary:
     def shift_text(self) -> str:
         withheld = f", withheld from {self.withheld} row{'s' * (self.withheld != 1)}" if self.withheld else ""
         return f"scoring shift applied: {self.scoring_shift:.2f}{withheld}"
+
+    @property
+    def reads_mostly_harmful(self) -> bool:
+        return self.expected_harmful_fraction >= MOSTLY_HARMFUL
 
     def __str__(self) -> str:
         rows = f"{self.rows} row{'s' * (self.rows != 1)}"
@@ -95,6 +104,11 @@ class ApplySummary:
             text += "".join(f"  {s}\n" for s in self.sets[:GROUPS_SHOWN])
             if len(self.sets) > GROUPS_SHOWN:
                 text += f"  ... and {len(self.sets) - GROUPS_SHOWN} more groups\n"
+        for s in filter(lambda s: s.reads_mostly_harmful, self.sets):
+            name = s.name if len(self.sets) == 1 else f"group '{s.name}'"
+            text += (f"warning: {name} reads mostly harmful (expected harmful fraction {s.expected_harmful_fraction:.3f} "
+                     f">= {MOSTLY_HARMFUL}); weights have mean 1 within a set, so they cannot make it safe to train on: "
+                     "review or reject it\n")
         if small := sum(s.rows < SMALL_SET for s in self.sets):
             text += (f"note: {small} set(s) have fewer than {SMALL_SET} rows; the set's own evidence is thin there "
                      f"(validated on sets of 50 to 1,000 rows)\n")

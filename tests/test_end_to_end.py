@@ -165,6 +165,36 @@ def without_refinement(scheduler: NeuralScheduler) -> NeuralScheduler:
     return scheduler
 
 
+def test_a_set_that_reads_mostly_harmful_is_warned_about(trained, data_dir, tmp_path, monkeypatch):
+    """Weights have mean 1 within a set: a group made only of harmful rows gets the mean weight of a clean one, so the
+    summary warns about every set whose expected harmful fraction reaches MOSTLY_HARMFUL, and about no other. The tiny
+    checkpoint does not read its harmful rows as the default does (0.64-0.83 when wholly harmful), so the threshold is
+    set between its two groups' fractions."""
+    from scheduler import apply
+
+    rows = [{**json.loads(line), "upload": "first"} for line in (data_dir / "demo.jsonl").read_text().splitlines()]
+    rows += [{**json.loads(line), "upload": "second"} for line in (data_dir / "harmful.jsonl").read_text().splitlines()[:20]]
+    (tmp_path / "uploads.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    score = lambda: apply.apply_scheduler(trained / "scheduler.ckpt", tmp_path / "uploads.jsonl", tmp_path / "w.jsonl",
+                                          histogram=False, group_by="upload")
+    summary = score()
+    weights = [json.loads(line)["weight"] for line in (tmp_path / "w.jsonl").read_text().splitlines()]
+    assert np.mean(weights[-20:]) == pytest.approx(1.0, abs=1e-4)  # what the warning is about
+    fractions = {s.name: s.expected_harmful_fraction for s in summary.sets}
+    assert max(fractions.values()) < apply.MOSTLY_HARMFUL and "warning:" not in str(summary)
+    threshold = round(sum(fractions.values()) / 2, 6)
+    warned = max(fractions, key=fractions.get)
+    monkeypatch.setattr(apply, "MOSTLY_HARMFUL", threshold)
+    warnings = [line for line in str(score()).splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: group '{warned}' reads mostly harmful (expected harmful fraction "
+                        f"{fractions[warned]:.3f} >= {threshold}); weights have mean 1 within a set, so they cannot "
+                        "make it safe to train on: review or reject it"]
+    whole = apply.apply_scheduler(trained / "scheduler.ckpt", tmp_path / "uploads.jsonl", tmp_path / "whole.jsonl",
+                                  histogram=False)
+    monkeypatch.setattr(apply, "MOSTLY_HARMFUL", whole.expected_harmful_fraction)
+    assert "warning: the set reads mostly harmful" in str(whole)
+
+
 def test_scoring_shift_of_the_checkpoint_can_be_overridden_at_scoring(trained, data_dir, tmp_path):
     """The trained default carries the configured scoring_shift, tapered by the share of rows the set still
     expects harmful once `confident_at` logits of it are granted: every logit of the set moves by the same
