@@ -1,8 +1,8 @@
 """Sentence embeddings of prompts, responses and whole rows, computed once and cached on disk.
 
 The scheduler network sees a sample only through these embeddings, so training and
-scoring must use the same model; `Embedder.identity` is stored in the checkpoint and
-checked at load time. The *joint* embedding reads the prompt and its answer as one text, so
+scoring must use the same model: the checkpoint stores the embedder's name and dimension, and
+`NeuralScheduler` refuses an embedder of another dimension. The *joint* embedding reads the prompt and its answer as one text, so
 that the answer is seen in the light of the request it answers (`joint_text`).
 """
 
@@ -76,7 +76,6 @@ class Embedder:
         self.show_progress = show_progress
         self.model = _load_model(resolve_embedder_path(name_or_path), max_seq_length)
         self.dim = int(self.model.get_embedding_dimension())
-        self.identity = self._identity(max_seq_length)
         self.cache_dir = self._cache_dir_for(cache_dir, max_seq_length)
         self.joint_cache_dir = self._cache_dir_for(cache_dir, joint_max_seq_length)
 
