@@ -22,8 +22,8 @@ GROUPS_SHOWN = 20
 PROMPT_SHOWN = 80  # characters of a flagged row's prompt in the summary
 # A set whose expected harmful fraction reaches this reads mostly harmful. Weights have mean 1 within a set, so they
 # cannot make such a set safe to train on. With the default checkpoint, clean sets read 0.01-0.19 and sets of 200
-# rows read 0.30-0.37 at a harmful ratio of 0.3, 0.47-0.49 at 0.5 and 0.64-0.83 when wholly harmful
-# (docs/validation.md, "Sets that read mostly harmful").
+# rows read 0.30-0.37 at a harmful ratio of 0.3, 0.47-0.49 at 0.5 and 0.64-0.83 when wholly harmful; on held-out
+# validation folds clean sets read at most 0.238 (docs/validation.md, "Sets that read mostly harmful").
 MOSTLY_HARMFUL = 0.4
 
 

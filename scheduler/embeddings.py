@@ -1,9 +1,9 @@
 """Sentence embeddings of prompts, responses and whole rows, computed once and cached on disk.
 
-The scheduler network sees a sample only through these embeddings, so training and
-scoring must use the same model: the checkpoint stores the embedder's name and dimension, and
-`NeuralScheduler` refuses an embedder of another dimension. The *joint* embedding reads the prompt and its answer as one text, so
-that the answer is seen in the light of the request it answers (`joint_text`).
+The scheduler network sees a sample only through these embeddings, so training and scoring must use the same
+model: the checkpoint stores the embedder's name and dimension, and `NeuralScheduler` refuses an embedder of another
+dimension. The *joint* embedding reads the prompt and its answer as one text, so that the answer is seen in the light
+of the request it answers (`joint_text`).
 """
 
 from __future__ import annotations
