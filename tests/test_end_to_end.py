@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, train_overrides
+from conftest import run_script, train_overrides, write_jsonl
 from omegaconf import OmegaConf
 
 from scheduler import NeuralScheduler
@@ -102,19 +102,15 @@ def test_group_by_scores_each_group_as_its_own_set(trained, data_dir, tmp_path):
     checkpoint = trained / "scheduler.ckpt"
     rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
     rows = [{**row, "task": "a" if i % 2 else "b"} for i, row in enumerate(rows)]
-    def write(path: Path, part: list[dict]) -> Path:
-        path.write_text("".join(json.dumps(row) + "\n" for row in part))
-        return path
-
     read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]
-    summary = apply_scheduler(checkpoint, write(tmp_path / "mixed.jsonl", rows), tmp_path / "grouped.jsonl",
+    summary = apply_scheduler(checkpoint, write_jsonl(tmp_path / "mixed.jsonl", rows), tmp_path / "grouped.jsonl",
                               histogram=False, group_by="task")
     grouped = read(tmp_path / "grouped.jsonl")
     assert [row["prompt"] for row in grouped] == [row["prompt"] for row in rows]
     assert [(s.name, s.rows) for s in summary.sets] == [("b", 10), ("a", 10)]
     for name in ("a", "b"):
         alone = [row for row in rows if row["task"] == name]
-        apply_scheduler(checkpoint, write(tmp_path / f"{name}.jsonl", alone), tmp_path / f"{name}.w.jsonl",
+        apply_scheduler(checkpoint, write_jsonl(tmp_path / f"{name}.jsonl", alone), tmp_path / f"{name}.w.jsonl",
                         histogram=False)
         expected = [(row["weight"], row["posterior_mu"]) for row in read(tmp_path / f"{name}.w.jsonl")]
         got = [(row["weight"], row["posterior_mu"]) for row in grouped if row["task"] == name]
@@ -174,7 +170,7 @@ def test_a_set_that_reads_mostly_harmful_is_warned_about(trained, data_dir, tmp_
 
     rows = [{**json.loads(line), "upload": "first"} for line in (data_dir / "demo.jsonl").read_text().splitlines()]
     rows += [{**json.loads(line), "upload": "second"} for line in (data_dir / "harmful.jsonl").read_text().splitlines()[:20]]
-    (tmp_path / "uploads.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_jsonl(tmp_path / "uploads.jsonl", rows)
     score = lambda: apply.apply_scheduler(trained / "scheduler.ckpt", tmp_path / "uploads.jsonl", tmp_path / "w.jsonl",
                                           histogram=False, group_by="upload")
     summary = score()
