@@ -72,6 +72,9 @@ class SafetyPrior(nn.Module):
         self.withhold_below, self.withhold_ramp = withhold_below, withhold_ramp
         if withhold_block is not None:
             check_taper(*withhold_block, name="withhold_block")
+            if withhold_below is None:  # the block counts rows below that threshold; without one it would do nothing
+                raise ValueError(f"withhold_block: needs withhold_below, the logit below which a row counts "
+                                 f"(-6 was measured); got withhold_block={list(withhold_block)} alone")
         self.withhold_block = withhold_block
         self.register_buffer("center", torch.tensor(0.0))
         self.register_buffer("spread", torch.tensor(1.0))

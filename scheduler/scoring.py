@@ -123,6 +123,9 @@ class NeuralScheduler:
             prior["withhold_below"] = float(withhold_below)
         if block is not None:
             prior["withhold_block"] = block
+        if prior.get("withhold_block") is not None and prior.get("withhold_below") is None:
+            raise DataError(f"withhold_block: needs withhold_below, the logit below which a row counts (-6 was "
+                            f"measured), and the checkpoint has none; got withhold_block={prior['withhold_block']} alone")
         config = {**config, "prior": prior}
         prefix = "posterior."
         state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}

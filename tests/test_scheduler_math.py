@@ -241,6 +241,8 @@ def test_shift_is_withheld_only_from_a_set_holding_a_block_of_rows_below_the_thr
     torch.testing.assert_close(prior.row_shift(halfway, 12.0)[:6], torch.full((6,), 6.0))
     with pytest.raises(ValueError, match="withhold_block"):
         SafetyPrior(withhold_below=-6.0, withhold_block=(0.07, 0.06))
+    with pytest.raises(ValueError, match="withhold_block: needs withhold_below"):
+        SafetyPrior(withhold_block=(0.06, 0.07))
 
 
 def test_scored_set_withholds_the_shift_from_rows_below_the_threshold_and_keeps_their_order():
