@@ -123,14 +123,14 @@ class NeuralScheduler:
             prior["withhold_below"] = float(withhold_below)
         if block is not None:
             prior["withhold_block"] = block
-        if prior.get("withhold_block") is not None and prior.get("withhold_below") is None:
-            raise DataError(f"withhold_block: needs withhold_below, the logit below which a row counts (-6 was "
-                            f"measured), and the checkpoint has none; got withhold_block={prior['withhold_block']} alone")
         config = {**config, "prior": prior}
         prefix = "posterior."
         state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         bank = AlignmentBank(state["bank_prompts"], state["bank_responses"], state.get("bank_joint"))
-        posterior = build_posterior(config, bank)
+        try:  # the prior checks how the operating point's options fit together (withhold_block needs withhold_below)
+            posterior = build_posterior(config, bank)
+        except ValueError as error:
+            raise DataError(f"{path}: {error}") from None
         posterior.load_state_dict(state)
         return cls(posterior, config, embedder)
 
