@@ -4,6 +4,7 @@ LM safe while it learns the task, and beat (or undercut in cost) what a user wou
     python train_scheduler.py experiment=heldout_eval        # the checkpoint scored below
     python -m scheduler.evaluate                             # quick preset -> docs/evaluation/quick/
     python -m scheduler.evaluate evaluation=full 'checkpoints=[amortised:A.ckpt,with_summary:B.ckpt]'
+    python -m scheduler.evaluate evaluation=detection 'checkpoints=[A.ckpt]' 'harmful_sources=[mine.jsonl]'  # no LM
 
 Every method weights the same grid of sets (benign task x harmful source x ratio p). Rows
 that trained a checkpoint (keys stored in it) are removed from every evaluation pool, so
@@ -151,6 +152,8 @@ def downstream(cfg: DictConfig, sets: dict[str, tuple[EmbeddedSet, dict[str, np.
                held_out: dict[str, list[Example]], alignment: list[Example], judges: list) -> tuple[list[dict], list[dict]]:
     """Fine-tune with each method's weights (alignment batch + weighted user batch), then HS and FA."""
     d = cfg.evaluation.downstream
+    if not d.sets:
+        return [], []
     lm_cfg = OmegaConf.merge(cfg.lm, d.lm)
     prompts = [e.prompt for e in random.Random(cfg.seed).sample(read_examples(Path(cfg.root) / cfg.eval_harmful_prompts),
                                                                    d.harmful_prompts)]
@@ -172,9 +175,8 @@ def downstream(cfg: DictConfig, sets: dict[str, tuple[EmbeddedSet, dict[str, np.
             lm = finetune(lm_cfg, embedded.examples, weights[method], d.steps, d.batch_size, d.lr, cfg.seed,
                           alignment=alignment, desc=f"{name} {method}", device=cfg.device)
             evaluate_lm(lm, {**parse(name), "method": method})
-    if d.sets:
-        base = finetune(lm_cfg, [], np.zeros(0), 0, d.batch_size, d.lr, cfg.seed, alignment=alignment, device=cfg.device)
-        evaluate_lm(base, {**parse(d.sets[0]), "method": "no_finetune"})  # the LM before any fine-tuning
+    base = finetune(lm_cfg, [], np.zeros(0), 0, d.batch_size, d.lr, cfg.seed, alignment=alignment, device=cfg.device)
+    evaluate_lm(base, {**parse(d.sets[0]), "method": "no_finetune"})  # the LM before any fine-tuning
     return rows, answers_out
 
 
@@ -278,11 +280,12 @@ def evaluate(cfg: DictConfig) -> dict:
     cost_rows = random.Random(cfg.seed).sample(all_rows, min(cfg.evaluation.cost_rows, len(all_rows)))
     results = {"removed_rows": len(seen), "detection": detection, "categories": categories,
                "cost": measure_cost(cfg, methods, cost_rows)}
-    judges = build_judges(cfg, reference, held_out, alignment)
+    # The judges read the fine-tuned LMs' answers: without a fine-tune (evaluation=detection) they have nothing to read.
+    judges = build_judges(cfg, reference, held_out, alignment) if cfg.evaluation.downstream.sets else []
     results["downstream"], answers = downstream(cfg, weighted, held_out, alignment, judges)
     if answers:
         write_rows(answers, out / "answers.jsonl")
-    results["judge_agreement"] = judge_agreement(cfg, judges)
+    results["judge_agreement"] = judge_agreement(cfg, judges) if judges else None
     write_text(json.dumps(results, indent=1), out / "results.json")
     text = report(cfg, results, time.time() - start)
     write_text(text, out / "evaluation.md")

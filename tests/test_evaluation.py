@@ -161,3 +161,15 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
                            capture_output=True, text=True, cwd=ROOT)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads((out / "judge_agreement.json").read_text())["refusal"]["n"] == 2
+    # evaluation=detection never loads the LM: a path that does not exist must not matter.
+    detection_out = tmp_path / "detection"
+    detection = subprocess.run(
+        [sys.executable, "-m", "scheduler.evaluate", *common, "evaluation=detection", "evaluation.set_size=16",
+         "collection_files=[harmful.jsonl,benign_sentiment.jsonl]", f"output_dir={detection_out}",
+         f"lm.name_or_path={tmp_path / 'no_such_lm'}"], capture_output=True, text=True, cwd=ROOT)
+    assert detection.returncode == 0, detection.stderr[-3000:]
+    found = json.loads((detection_out / "results.json").read_text())
+    assert {r["method"] for r in found["detection"]} == methods - {"scalar_bds"}
+    assert sorted({r["p"] for r in found["detection"]}) == [0.0, 0.05, 0.1, 0.3]
+    assert found["downstream"] == [] and found["judge_agreement"] is None
+    assert not (detection_out / "answers.jsonl").exists()
