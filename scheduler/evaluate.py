@@ -226,7 +226,8 @@ def report(cfg: DictConfig, results: dict, wall: float) -> str:
     if results.get("judge_agreement"):
         parts += ["## Judges against hand labels", "", "```", json.dumps(results["judge_agreement"], indent=1), "```", ""]
     parts += ["## Cost of weighting one new dataset", "", "```", json.dumps(results["cost"], indent=1), "```", "",
-              "Plots: `plots/roc_*.png`, `plots/weights_*.png`, `plots/history_*.png`."]
+              "Plots: `plots/roc_*.png`, `plots/weights_*.png`"
+              + (", `plots/history_*.png` (the scalar BDS's weights over its steps)." if cfg.evaluation.scalar.enabled else ".")]
     return "\n".join(parts) + "\n"
 
 

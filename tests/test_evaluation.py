@@ -173,3 +173,5 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
     assert sorted({r["p"] for r in found["detection"]}) == [0.0, 0.05, 0.1, 0.3]
     assert found["downstream"] == [] and found["judge_agreement"] is None
     assert not (detection_out / "answers.jsonl").exists()
+    assert {p.name.split("_")[0] for p in (detection_out / "plots").iterdir()} == {"roc", "weights"}
+    assert "history" not in (detection_out / "evaluation.md").read_text()
