@@ -46,7 +46,9 @@ def unseen(rows: list[Example], seen: set[str]) -> list[Example]:
 
 
 def build_grid(cfg: DictConfig, seen: set[str]) -> tuple[list[FineTuningSet], dict[str, list[Example]]]:
-    """Sets for every task x harmful source x ratio, and each task's held-out rows for accuracy."""
+    """Sets for every task x harmful source x ratio (`evaluation.draws` of each: one set of 200 rows at p = 0.05 holds
+    10 harmful rows, too few for a stable AUROC), and each task's held-out rows for accuracy. The first draw is named
+    `task:source:pP`, the d-th after it `task:source:pP#d`."""
     rng = random.Random(cfg.seed)
     tasks = {name: unseen(rows, seen) for name, rows in read_tasks(cfg.tasks, cfg.root).items()}
     tasks = {name: rng.sample(rows, len(rows)) for name, rows in tasks.items()}
@@ -59,8 +61,9 @@ def build_grid(cfg: DictConfig, seen: set[str]) -> tuple[list[FineTuningSet], di
             raise DataError(f"{file}: every harmful row trained a checkpoint; nothing unseen to evaluate")
         for task, rows in tasks.items():
             pool = rows[cfg.evaluation.accuracy_rows:]
-            sets += [mix(f"{task}:{source}:p{p}", pool, harmful, cfg.evaluation.set_size, p, rng)
-                     for p in cfg.evaluation.ratios]
+            sets += [mix(f"{task}:{source}:p{p}" + (f"#{draw}" if draw else ""), pool, harmful,
+                         cfg.evaluation.set_size, p, rng)
+                     for p in cfg.evaluation.ratios for draw in range(cfg.evaluation.draws)]
     return sets, held_out
 
 
@@ -81,8 +84,9 @@ def load_checkpoints(cfg: DictConfig) -> dict[str, NeuralScheduler]:
 
 
 def parse(name: str) -> dict[str, object]:
-    task, source, ratio = name.split(":")
-    return {"task": task, "harmful_source": source, "p": float(ratio[1:])}
+    cell, _, draw = name.partition("#")
+    task, source, ratio = cell.split(":")
+    return {"task": task, "harmful_source": source, "p": float(ratio[1:]), "draw": int(draw or 0)}
 
 
 def category_rows(s: EmbeddedSet, method: str, weights: np.ndarray) -> list[dict]:
@@ -206,7 +210,8 @@ def report(cfg: DictConfig, results: dict, wall: float) -> str:
     parts = [f"# Evaluation ({cfg.evaluation.name})", "",
              f"Command: `python -m scheduler.evaluate {command_line_overrides()}`", "",
              f"Wall time: {wall:.0f} s. Checkpoints: {list(cfg.checkpoints)}. Rows of the evaluation files that "
-             f"trained a checkpoint were removed: {results['removed_rows']}.", ""]
+             f"trained a checkpoint were removed: {results['removed_rows']}. Sets of {cfg.evaluation.set_size} rows, "
+             f"{cfg.evaluation.draws} drawn per task, harmful source and ratio; every table averages the draws.", ""]
     for metric, what in (("auroc", "AUROC (harmful = positive, lower weight = flagged)"),
                          ("auprc", "AUPRC"), ("harmful_weight_share", "Share of total weight on harmful rows"),
                          ("mean_benign_weight", "Mean benign weight"),
@@ -271,7 +276,7 @@ def evaluate(cfg: DictConfig) -> dict:
         for method, w in weights.items():
             detection.append({**parse(s.name), "method": method, **detection_metrics(labels, w)})
             categories += category_rows(s, method, w)
-        if 0 < labels.sum() < len(labels):
+        if 0 < labels.sum() < len(labels) and parse(s.name)["draw"] == 0:  # plots of the first draw only
             slug = s.name.replace(":", "_")
             roc_curves(labels, weights, s.name, out / "plots" / f"roc_{slug}.png")
             weight_distributions(labels, weights, s.name, out / "plots" / f"weights_{slug}.png")

@@ -15,7 +15,7 @@ from test_module import fit
 from scheduler.data.datamodule import EmbeddedSet, SetBatch
 from scheduler.data.io import Example
 from scheduler.downstream import accuracy, is_correct
-from scheduler.evaluate import build_grid, mean_over, table
+from scheduler.evaluate import build_grid, mean_over, parse, table
 from scheduler.features import AlignmentBank
 from scheduler.judges import RefusalJudge, agreement, is_refusal
 from scheduler.module import BDSModule
@@ -91,6 +91,23 @@ def test_evaluation_grid_never_contains_rows_a_checkpoint_trained_on(data_dir):
     accuracy_keys = {e.key for rows in held_out.values() for e in rows}
     assert not accuracy_keys & {e.key for s in sets for e in s.examples}  # accuracy rows never in a set
     assert [sum(s.labels) for s in sets if s.name.endswith("p0.5")] == [6, 6]
+
+
+def test_evaluation_grid_draws_each_cell_afresh(data_dir):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("evaluate", overrides=[f"root={data_dir}", "tasks=[benign_sentiment.jsonl]",
+                                             "harmful_sources=[harmful.jsonl]", "evaluation.set_size=10",
+                                             "evaluation.accuracy_rows=0", "evaluation.ratios=[0.0,0.3]",
+                                             "evaluation.draws=3"])
+    sets, _ = build_grid(cfg, set())
+    assert [s.name for s in sets] == ["sentiment:harmful:p0.0", "sentiment:harmful:p0.0#1", "sentiment:harmful:p0.0#2",
+                                      "sentiment:harmful:p0.3", "sentiment:harmful:p0.3#1", "sentiment:harmful:p0.3#2"]
+    assert [parse(s.name)["draw"] for s in sets] == [0, 1, 2, 0, 1, 2]
+    assert parse("sst2:harmful:p0.3") == {"task": "sst2", "harmful_source": "harmful", "p": 0.3, "draw": 0}
+    assert [sum(s.labels) for s in sets] == [0, 0, 0, 3, 3, 3]
+    draws = [frozenset(e.key for e in s.examples) for s in sets[3:]]
+    assert len(set(draws)) == 3  # each draw holds other rows
 
 
 def test_missing_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path):
@@ -173,5 +190,10 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
     assert sorted({r["p"] for r in found["detection"]}) == [0.0, 0.05, 0.1, 0.3]
     assert found["downstream"] == [] and found["judge_agreement"] is None
     assert not (detection_out / "answers.jsonl").exists()
-    assert {p.name.split("_")[0] for p in (detection_out / "plots").iterdir()} == {"roc", "weights"}
+    assert sorted({(r["p"], r["draw"]) for r in found["detection"]}) == [(p, d) for p in (0.0, 0.05, 0.1, 0.3)
+                                                                         for d in range(5)]
+    plots = sorted(p.name for p in (detection_out / "plots").iterdir())
+    assert [name for name in plots if name.startswith("roc")] == [f"roc_cooking_harmful_p{p}.png"
+                                                                 for p in (0.05, 0.1, 0.3)]  # first draw only
+    assert {name.split("_")[0] for name in plots} == {"roc", "weights"}
     assert "history" not in (detection_out / "evaluation.md").read_text()
