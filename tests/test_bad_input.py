@@ -106,6 +106,12 @@ def test_apply_missing_input_and_bad_checkpoint(checkpoint, tmp_path):
                        "withhold_block=[0.06,0.07]")
     assert result.returncode != 0 and "withhold_block: needs withhold_below" in result.stderr.strip().splitlines()[-1]
     result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}",
+                       "withhold_below=-6", "withhold_spares_refusals=maybe")
+    assert result.returncode != 0 and "withhold_spares_refusals: expected true or false; got 'maybe'" in result.stderr
+    result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}",
+                       "withhold_spares_refusals=true")
+    assert result.returncode != 0 and "withhold_spares_refusals: needs withhold_below" in result.stderr.strip().splitlines()[-1]
+    result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}",
                        "show_lowest=few")
     assert result.returncode != 0 and "show_lowest: expected a whole number of rows >= 0; got 'few'" in result.stderr
     assert not (tmp_path / "o.jsonl").exists()
