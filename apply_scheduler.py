@@ -13,7 +13,8 @@ def main(cfg: DictConfig) -> None:
         summary = apply_scheduler(cfg.checkpoint, cfg.input, cfg.output, cfg.chunk, cfg.histogram,
                                   scoring_shift=cfg.scoring_shift, scoring_shift_taper=cfg.scoring_shift_taper,
                                   group_by=cfg.group_by, withhold_below=cfg.withhold_below,
-                                  withhold_block=cfg.withhold_block, show_lowest=cfg.show_lowest)
+                                  withhold_block=cfg.withhold_block, withhold_spares_refusals=cfg.withhold_spares_refusals,
+                                  show_lowest=cfg.show_lowest)
     print(summary)
 
 

@@ -200,11 +200,13 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                     histogram: bool = True, scoring_shift: float | None = None,
                     scoring_shift_taper: Sequence[float] | None = None, group_by: str | None = None,
                     withhold_below: float | None = None,
-                    withhold_block: Sequence[float] | None = None, show_lowest: int = 5) -> ApplySummary:
+                    withhold_block: Sequence[float] | None = None, withhold_spares_refusals: bool | None = None,
+                    show_lowest: int = 5) -> ApplySummary:
     """Read, embed, score and write atomically; the input file is never modified.
 
-    `scoring_shift`, `scoring_shift_taper`, `withhold_below` and `withhold_block` override the checkpoint's
-    operating point (`NeuralScheduler.load`). The summary lists the `show_lowest` rows with the lowest weights.
+    `scoring_shift`, `scoring_shift_taper`, `withhold_below`, `withhold_block` and `withhold_spares_refusals` override
+    the checkpoint's operating point (`NeuralScheduler.load`). The summary lists the `show_lowest` rows with the
+    lowest weights.
     `group_by` names a field (a task or source column) whose values split the file into sets scored apart: the
     posterior reads each row against its own set, so a task that is a small part of a mixed file is read against
     rows like it."""
@@ -215,7 +217,8 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
         raise DataError(f"{output_path}: output would overwrite the input; choose another output path")
     examples, groups = read_all(input_path, group_by)  # fail on bad rows before spending time on the model
     scheduler = NeuralScheduler.load(checkpoint, scoring_shift=scoring_shift, scoring_shift_taper=scoring_shift_taper,
-                                     withhold_below=withhold_below, withhold_block=withhold_block)
+                                     withhold_below=withhold_below, withhold_block=withhold_block,
+                                     withhold_spares_refusals=withhold_spares_refusals)
     embeddings = embed_in_chunks(scheduler, examples, chunk)
     columns, sets = score_sets(scheduler, embeddings, examples, groups)
     write_rows(output_rows(examples, columns), output_path)

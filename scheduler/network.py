@@ -19,6 +19,7 @@ from scheduler.features import N_RELATION_FEATURES, AlignmentBank, SetEvidence, 
 from scheduler.lexical import LexicalContrast, RowTexts
 from scheduler.prior import SafetyPrior
 from scheduler.refinement import SetRefinement
+from scheduler.refusals import is_refusal
 
 
 class SchedulerNetwork(nn.Module):
@@ -168,8 +169,9 @@ class SetPosterior(nn.Module):
 
     @property
     def reads_texts_at_scoring(self) -> bool:
-        """Whether `score_set` needs the rows' prompt and answer texts (the lexical contrast)."""
-        return bool(self.lexical.weight)
+        """Whether `score_set` needs the rows' prompt and answer texts (the lexical contrast, or the withholding's
+        refusals spared)."""
+        return bool(self.lexical.weight) or self.prior.withhold_spares_refusals
 
     @property
     def reads_joint_at_scoring(self) -> bool:
@@ -223,12 +225,15 @@ class SetPosterior(nn.Module):
         logit = posterior.moments().mu
         shift = self.prior.final_shift(logit, first_shift)
         correction = self.refinement.correction(logit, first_shift, prompts, joint)
+        if self.reads_texts_at_scoring and (texts is None or not len(texts.prompts) == len(texts.responses) == len(prompts)):
+            raise ValueError("scoring needs one prompt and one answer text per row (read by the lexical contrast or by "
+                             "withhold_spares_refusals)")
         if self.lexical.weight:
-            if texts is None or not len(texts.prompts) == len(texts.responses) == len(prompts):
-                raise ValueError("the lexical contrast needs one prompt and one answer text per row")
             evidence = self.lexical.evidence(texts, self.alignment_prompts).to(correction)
             correction = correction - self.lexical.weight * evidence
         posterior = Posterior(posterior.mu + correction, posterior.sigma, posterior.prior_mean)
-        row_shift = self.prior.row_shift(posterior.moments().mu, shift)
+        spared = (torch.tensor([is_refusal(answer) for answer in texts.responses], dtype=torch.bool, device=correction.device)
+                  if self.prior.withhold_spares_refusals else None)
+        row_shift = self.prior.row_shift(posterior.moments().mu, shift, spared)
         return ScoredSet(Posterior(posterior.mu + row_shift, posterior.sigma, posterior.prior_mean + row_shift),
                          harmful_fraction, shift, int((row_shift < shift).sum()))

@@ -23,7 +23,10 @@ rows; a set of free-form chat with a tenth of its rows harmful does not read as 
 harmful rows kept weights near 1 (docs/validation.md, "The shift withheld row by row"). `withhold_block` asks the
 set first, as the confident taper does: the lower tail of a clean set of free-form chat also lies below the
 threshold, so the shift is withheld only from a set holding more such rows than a clean set does (docs/validation.md,
-"Withheld only from a block").
+"Withheld only from a block"). `withhold_spares_refusals` keeps the whole shift for a row whose answer opens with a
+refusal, and leaves it out of the block's count: a clean chat set's lower tail holds harmful requests answered with a
+refusal (LIMA's safety examples), which are safe to train on. A harmful answer that opens with a refusal gets the
+shift as it would without any withholding, never more (docs/validation.md, "Refusals spared by the withholding").
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class SafetyPrior(nn.Module):
                  scoring_shift: float = 0.0, scoring_shift_taper: tuple[float, float] | None = None,
                  confident_at: float = 0.0, confident_taper: tuple[float, float] | None = None,
                  withhold_below: float | None = None, withhold_ramp: float = 1.0,
-                 withhold_block: tuple[float, float] | None = None):
+                 withhold_block: tuple[float, float] | None = None, withhold_spares_refusals: bool = False):
         super().__init__()
         if kind not in ("alignment", "constant"):
             raise ValueError(f"unknown prior kind '{kind}'; expected 'alignment' or 'constant'")
@@ -76,6 +79,10 @@ class SafetyPrior(nn.Module):
                 raise ValueError(f"withhold_block: needs withhold_below, the logit below which a row counts "
                                  f"(-6 was measured); got withhold_block={list(withhold_block)} alone")
         self.withhold_block = withhold_block
+        if withhold_spares_refusals and withhold_below is None:  # it spares rows from a withholding that is not there
+            raise ValueError("withhold_spares_refusals: needs withhold_below, the logit below which the shift is "
+                             "withheld (-6 was measured)")
+        self.withhold_spares_refusals = withhold_spares_refusals
         self.register_buffer("center", torch.tensor(0.0))
         self.register_buffer("spread", torch.tensor(1.0))
 
@@ -109,24 +116,28 @@ class SafetyPrior(nn.Module):
         confident_fraction = float(torch.sigmoid(-(logit.double() + self.confident_at)).mean())
         return tapered(self.scoring_shift, confident_fraction, self.confident_taper)
 
-    def row_shift(self, logit: torch.Tensor, set_shift: float) -> torch.Tensor:
+    def row_shift(self, logit: torch.Tensor, set_shift: float, spared: torch.Tensor | None = None) -> torch.Tensor:
         """Each row's share of the set's shift, from its unshifted logit `logit` (N,): all of it at or above
         `withhold_below`, none `withhold_ramp` logits below it, linear between (monotone in the logit, so the rows'
-        order is kept). With `withhold_block`, only as much of that is withheld as `block_strength` grants. The whole
-        shift for every row without `withhold_below`."""
+        order is kept). With `withhold_block`, only as much of that is withheld as `block_strength` grants. Rows
+        marked in `spared` (N,) keep all of it. The whole shift for every row without `withhold_below`."""
         if self.withhold_below is None:
             return torch.full_like(logit, set_shift)
         share = ((logit - self.withhold_below + self.withhold_ramp) / self.withhold_ramp).clamp(0, 1)
-        return set_shift * (1 - self.block_strength(logit) * (1 - share))
+        if spared is not None:
+            share = torch.where(spared, torch.ones_like(share), share)
+        return set_shift * (1 - self.block_strength(logit, spared) * (1 - share))
 
-    def block_strength(self, logit: torch.Tensor) -> float:
+    def block_strength(self, logit: torch.Tensor, spared: torch.Tensor | None = None) -> float:
         """How much of the withholding a set gets: none while its share of rows below `withhold_below` (soft, as the
-        confident taper's share) is at most `withhold_block`'s low end, all of it from the high end, linear between;
-        all of it without `withhold_block`."""
+        confident taper's share; rows in `spared` do not count) is at most `withhold_block`'s low end, all of it from
+        the high end, linear between; all of it without `withhold_block`."""
         if self.withhold_block is None:
             return 1.0
-        below = float(torch.sigmoid(self.withhold_below - logit.double()).mean())
-        return 1.0 - tapered(1.0, below, self.withhold_block)
+        below = torch.sigmoid(self.withhold_below - logit.double())
+        if spared is not None:
+            below = torch.where(spared, torch.zeros_like(below), below)
+        return 1.0 - tapered(1.0, float(below.mean()), self.withhold_block)
 
     def kl(self, mu: torch.Tensor, sigma: torch.Tensor, prior_mean: torch.Tensor) -> torch.Tensor:
         """KL(N(mu, sigma^2) || N(prior_mean, scale^2)) per sample."""

@@ -87,7 +87,8 @@ class NeuralScheduler:
     def load(cls, path: str | os.PathLike, embedder: Embedder | None = None, scoring_shift: float | None = None,
              scoring_shift_taper: Sequence[float] | None = None,
              withhold_below: float | None = None,
-             withhold_block: Sequence[float] | None = None) -> NeuralScheduler:
+             withhold_block: Sequence[float] | None = None,
+             withhold_spares_refusals: bool | None = None) -> NeuralScheduler:
         """Load a checkpoint written by train_scheduler.py (or any BDSModule checkpoint).
 
         `scoring_shift` replaces the checkpoint's prior log-odds of a benign row at scoring (`SafetyPrior`):
@@ -97,13 +98,16 @@ class NeuralScheduler:
         hold harmful rows, and let more harmful weight through. `withhold_below` withholds the set's shift from rows
         whose unshifted logit lies below it (`SafetyPrior.row_shift`; -6 was measured): less harmful weight let
         through, fewer benign rows kept. `withhold_block` withholds it only from a set whose share of such rows exceeds
-        its low end ([0.06, 0.07] was measured). None keeps the checkpoint's."""
+        its low end ([0.06, 0.07] was measured). `withhold_spares_refusals` keeps the whole shift for rows whose answer
+        opens with a refusal, and leaves them out of the block's count. None keeps the checkpoint's."""
         path = Path(path)
         for name, value in (("scoring_shift", scoring_shift), ("withhold_below", withhold_below)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise DataError(f"{name}: expected a number (a logit, e.g. 0 or -6); got {value!r}")
         taper = None if scoring_shift_taper is None else checked_taper(scoring_shift_taper)
         block = None if withhold_block is None else checked_taper(withhold_block, "withhold_block")
+        if withhold_spares_refusals is not None and not isinstance(withhold_spares_refusals, bool):
+            raise DataError(f"withhold_spares_refusals: expected true or false; got {withhold_spares_refusals!r}")
         if not path.is_file():
             raise DataError(f"{path}: checkpoint not found")
         try:
@@ -123,6 +127,8 @@ class NeuralScheduler:
             prior["withhold_below"] = float(withhold_below)
         if block is not None:
             prior["withhold_block"] = block
+        if withhold_spares_refusals is not None:
+            prior["withhold_spares_refusals"] = withhold_spares_refusals
         config = {**config, "prior": prior}
         prefix = "posterior."
         state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}

@@ -87,27 +87,26 @@ def test_apply_missing_input_and_bad_checkpoint(checkpoint, tmp_path):
     (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n')
     result = run_apply(f"checkpoint={tmp_path / 'junk.ckpt'}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}")
     assert result.returncode != 0 and "junk.ckpt: not a readable checkpoint" in result.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options, expected", [
+    (["scoring_shift=high"], "scoring_shift: expected a number"),
+    (["scoring_shift_taper=[0.5,0.1]"], "scoring_shift_taper: expected 0 <= low < high <= 1; got [0.5, 0.1]"),
+    (["withhold_below=low"], "withhold_below: expected a number"),
+    (["withhold_below=-6", "withhold_block=[0.07,0.06]"], "withhold_block: expected 0 <= low < high <= 1; got [0.07, 0.06]"),
+    (["withhold_below=-6", "withhold_block=0.06"], "withhold_block: expected two fractions of the set [low, high]; got 0.06"),
+    (["withhold_block=[0.06,0.07]"], "withhold_block: needs withhold_below"),
+    (["withhold_below=-6", "withhold_spares_refusals=maybe"], "withhold_spares_refusals: expected true or false; got 'maybe'"),
+    (["withhold_spares_refusals=true"], "withhold_spares_refusals: needs withhold_below"),
+    (["show_lowest=few"], "show_lowest: expected a whole number of rows >= 0; got 'few'"),
+])
+def test_apply_rejects_a_bad_operating_point_without_output(checkpoint, tmp_path, options, expected):
+    (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n')
     result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}",
-                       "scoring_shift=high")
-    assert result.returncode != 0 and "scoring_shift: expected a number" in result.stderr.strip().splitlines()[-1]
-    result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}",
-                       "scoring_shift_taper=[0.5,0.1]")
-    assert result.returncode != 0 and "scoring_shift_taper: expected 0 <= low < high <= 1; got [0.5, 0.1]" in result.stderr
-    result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}",
-                       "withhold_below=low")
-    assert result.returncode != 0 and "withhold_below: expected a number" in result.stderr.strip().splitlines()[-1]
-    result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}",
-                       "withhold_below=-6", "withhold_block=[0.07,0.06]")
-    assert result.returncode != 0 and "withhold_block: expected 0 <= low < high <= 1; got [0.07, 0.06]" in result.stderr
-    result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}",
-                       "withhold_below=-6", "withhold_block=0.06")
-    assert result.returncode != 0 and "withhold_block: expected two fractions of the set [low, high]; got 0.06" in result.stderr
-    result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}",
-                       "withhold_block=[0.06,0.07]")
-    assert result.returncode != 0 and "withhold_block: needs withhold_below" in result.stderr.strip().splitlines()[-1]
-    result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}",
-                       "show_lowest=few")
-    assert result.returncode != 0 and "show_lowest: expected a whole number of rows >= 0; got 'few'" in result.stderr
+                       *options)
+    assert result.returncode != 0 and expected in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "o.jsonl").exists()
 
 

@@ -149,7 +149,7 @@ def test_checkpoint_carries_the_alignment_prompts_that_the_lexical_contrast_read
     embedded = scheduler.embed(examples)
     direct = scheduler.score_embeddings(*embedded, texts=RowTexts.of(examples))
     np.testing.assert_allclose(scheduler.score(rows).weight, direct.weight)
-    with pytest.raises(ValueError, match="lexical contrast needs one prompt and one answer text per row"):
+    with pytest.raises(ValueError, match="needs one prompt and one answer text per row"):
         scheduler.score_embeddings(*embedded)
 
 
@@ -270,6 +270,28 @@ def test_withhold_block_asks_the_set_before_withholding_the_shift(trained, data_
     assert unreached.withheld == 0 and 0 < exceeded.withheld == unblocked.withheld < len(rows)
     np.testing.assert_allclose(unreached.mu, shifted.mu, rtol=0, atol=1e-5)
     np.testing.assert_allclose(exceeded.mu, unblocked.mu, rtol=0, atol=1e-5)
+
+
+def test_withholding_spares_rows_whose_answer_opens_with_a_refusal(trained, data_dir):
+    """Every row below the threshold (set above every logit) loses the shift, except, with `withhold_spares_refusals`,
+    the rows whose answer opens with a refusal: those keep exactly the logit they get without any withholding."""
+    from scheduler.refusals import is_refusal
+
+    checkpoint = trained / "scheduler.ckpt"
+    rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
+    rows[0] = {**rows[0], "response": "I'm sorry, but I can't help with that."}
+    refusal = np.array([is_refusal(row["response"]) for row in rows])
+    assert 0 < refusal.sum() < len(rows)
+
+    def scored(**options):
+        return without_refinement(NeuralScheduler.load(checkpoint, scoring_shift_taper=[0.999, 1.0], **options)).score(rows)
+
+    shifted, withheld = scored(), scored(withhold_below=1e6)
+    spared = scored(withhold_below=1e6, withhold_spares_refusals=True)
+    assert NeuralScheduler.load(checkpoint, withhold_below=-6, withhold_spares_refusals=True).needs_texts
+    assert withheld.withheld == len(rows) and spared.withheld == len(rows) - refusal.sum()
+    np.testing.assert_allclose(spared.mu[refusal], shifted.mu[refusal], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(spared.mu[~refusal], withheld.mu[~refusal], rtol=0, atol=1e-5)
 
 
 def test_resume_from_last_checkpoint(trained, data_dir, tiny_embedder_path, tiny_lm_path, tmp_path):

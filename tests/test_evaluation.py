@@ -17,7 +17,8 @@ from scheduler.data.io import Example
 from scheduler.downstream import accuracy, is_correct
 from scheduler.evaluate import build_grid, mean_over, parse, table
 from scheduler.features import AlignmentBank
-from scheduler.judges import RefusalJudge, agreement, is_refusal
+from scheduler.judges import RefusalJudge, agreement
+from scheduler.refusals import is_refusal
 from scheduler.module import BDSModule
 from scheduler.network import ScalarNetwork, SetPosterior
 from scheduler.prior import SafetyPrior

@@ -245,6 +245,27 @@ def test_shift_is_withheld_only_from_a_set_holding_a_block_of_rows_below_the_thr
         SafetyPrior(withhold_block=(0.06, 0.07))
 
 
+def test_rows_spared_by_the_withholding_keep_the_shift_and_leave_the_block_uncounted():
+    """By hand: ten rows of 100 far below -6 exceed the block's high end (0.10 > 0.07), so they get no shift. Spare
+    four of them (answers that open with a refusal): those four keep all of it, and the other six (0.06, at the low
+    end) no longer make a block, so every row keeps the whole shift. Sparing rows above the threshold changes nothing."""
+    prior = SafetyPrior(scoring_shift=12.0, withhold_below=-6.0, withhold_block=(0.06, 0.07), withhold_spares_refusals=True)
+    logit = torch.cat([torch.full((10,), -60.0), torch.full((90,), 60.0)])
+    none_spared = torch.zeros(100, dtype=torch.bool)
+    four_spared = none_spared.clone()
+    four_spared[:4] = True
+    torch.testing.assert_close(prior.row_shift(logit, 12.0, none_spared)[:10], torch.zeros(10))
+    torch.testing.assert_close(prior.row_shift(logit, 12.0, four_spared), torch.full((100,), 12.0))
+    ungated = SafetyPrior(scoring_shift=12.0, withhold_below=-6.0, withhold_spares_refusals=True)
+    torch.testing.assert_close(ungated.row_shift(logit, 12.0, four_spared)[:10],
+                               torch.tensor([12.0] * 4 + [0.0] * 6))
+    above_spared = torch.zeros(100, dtype=torch.bool)
+    above_spared[50:] = True
+    torch.testing.assert_close(prior.row_shift(logit, 12.0, above_spared), prior.row_shift(logit, 12.0, none_spared))
+    with pytest.raises(ValueError, match="withhold_spares_refusals: needs withhold_below"):
+        SafetyPrior(withhold_spares_refusals=True)
+
+
 def test_scored_set_withholds_the_shift_from_rows_below_the_threshold_and_keeps_their_order():
     """A set scored with and without the threshold: rows whose unshifted logit lies below it keep that logit, the
     others get the same shifted logit as without it, every row keeps its place, and the set reports the count."""

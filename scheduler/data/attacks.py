@@ -108,7 +108,7 @@ def answer(prompts: Sequence[Example], lm: str, max_new_tokens: int) -> list[dic
     from omegaconf import OmegaConf
 
     from scheduler.downstream import generate
-    from scheduler.judges import is_refusal
+    from scheduler.refusals import is_refusal
     from scheduler.training import CONFIG_DIR, build_evidence
 
     lm_cfg = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "lm" / "smollm2.yaml"), {"name_or_path": lm})
