@@ -225,15 +225,18 @@ class SetPosterior(nn.Module):
         logit = posterior.moments().mu
         shift = self.prior.final_shift(logit, first_shift)
         correction = self.refinement.correction(logit, first_shift, prompts, joint)
-        if self.reads_texts_at_scoring and (texts is None or not len(texts.prompts) == len(texts.responses) == len(prompts)):
+        has_texts = texts is not None and len(texts.prompts) == len(texts.responses) == len(prompts)
+        if self.reads_texts_at_scoring and not has_texts:
             raise ValueError("scoring needs one prompt and one answer text per row (read by the lexical contrast or by "
                              "withhold_spares_refusals)")
         if self.lexical.weight:
             evidence = self.lexical.evidence(texts, self.alignment_prompts).to(correction)
             correction = correction - self.lexical.weight * evidence
         posterior = Posterior(posterior.mu + correction, posterior.sigma, posterior.prior_mean)
-        spared = (torch.tensor([is_refusal(answer) for answer in texts.responses], dtype=torch.bool, device=correction.device)
-                  if self.prior.withhold_spares_refusals else None)
+        spared = None
+        if self.prior.withhold_spares_refusals:
+            spared = torch.tensor([is_refusal(answer) for answer in texts.responses], dtype=torch.bool,
+                                  device=correction.device)
         row_shift = self.prior.row_shift(posterior.moments().mu, shift, spared)
         return ScoredSet(Posterior(posterior.mu + row_shift, posterior.sigma, posterior.prior_mean + row_shift),
                          harmful_fraction, shift, int((row_shift < shift).sum()))

@@ -120,7 +120,8 @@ class SafetyPrior(nn.Module):
         """Each row's share of the set's shift, from its unshifted logit `logit` (N,): all of it at or above
         `withhold_below`, none `withhold_ramp` logits below it, linear between (monotone in the logit, so the rows'
         order is kept). With `withhold_block`, only as much of that is withheld as `block_strength` grants. Rows
-        marked in `spared` (N,) keep all of it. The whole shift for every row without `withhold_below`."""
+        marked in `spared` (N,) keep all of it, so they may pass rows above them that lose some. The whole shift for
+        every row without `withhold_below`."""
         if self.withhold_below is None:
             return torch.full_like(logit, set_shift)
         share = ((logit - self.withhold_below + self.withhold_ramp) / self.withhold_ramp).clamp(0, 1)
