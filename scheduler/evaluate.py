@@ -154,10 +154,9 @@ def measure_cost(cfg: DictConfig, methods: Methods, rows: list[Example]) -> dict
 
 def downstream(cfg: DictConfig, sets: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray]]],
                held_out: dict[str, list[Example]], alignment: list[Example], judges: list) -> tuple[list[dict], list[dict]]:
-    """Fine-tune with each method's weights (alignment batch + weighted user batch), then HS and FA."""
+    """Fine-tune with each method's weights (alignment batch + weighted user batch) on each of `downstream.sets`
+    (at least one), then HS and FA."""
     d = cfg.evaluation.downstream
-    if not d.sets:
-        return [], []
     lm_cfg = OmegaConf.merge(cfg.lm, d.lm)
     prompts = [e.prompt for e in random.Random(cfg.seed).sample(read_examples(Path(cfg.root) / cfg.eval_harmful_prompts),
                                                                    d.harmful_prompts)]
@@ -286,12 +285,12 @@ def evaluate(cfg: DictConfig) -> dict:
     cost_rows = random.Random(cfg.seed).sample(all_rows, min(cfg.evaluation.cost_rows, len(all_rows)))
     results = {"removed_rows": len(seen), "detection": detection, "categories": categories,
                "cost": measure_cost(cfg, methods, cost_rows)}
-    # The judges read the fine-tuned LMs' answers: without a fine-tune (evaluation=detection) they have nothing to read.
-    judges = build_judges(cfg, reference, held_out, alignment) if cfg.evaluation.downstream.sets else []
-    results["downstream"], answers = downstream(cfg, weighted, held_out, alignment, judges)
-    if answers:
+    results["downstream"], results["judge_agreement"] = [], None
+    if cfg.evaluation.downstream.sets:  # without a fine-tune (evaluation=detection) no LM is loaded and nothing is judged
+        judges = build_judges(cfg, reference, held_out, alignment)
+        results["downstream"], answers = downstream(cfg, weighted, held_out, alignment, judges)
         write_rows(answers, out / "answers.jsonl")
-    results["judge_agreement"] = judge_agreement(cfg, judges) if judges else None
+        results["judge_agreement"] = judge_agreement(cfg, judges)
     write_text(json.dumps(results, indent=1), out / "results.json")
     text = report(cfg, results, time.time() - start)
     write_text(text, out / "evaluation.md")
