@@ -37,7 +37,7 @@ from scheduler.lexical import RowTexts
 from scheduler.metrics import detection_metrics
 from scheduler.plots import roc_curves, weight_distributions, weight_history
 from scheduler.scalar import ScalarBDS
-from scheduler.scoring import NeuralScheduler
+from scheduler.scoring import OPERATING_POINT_OPTIONS, NeuralScheduler
 from scheduler.training import CONFIG_DIR, build_evidence, command_line_overrides, register_resolvers
 
 
@@ -74,13 +74,29 @@ def training_collection(cfg: DictConfig, seen: set[str]) -> list[Example]:
 
 
 def load_checkpoints(cfg: DictConfig) -> dict[str, NeuralScheduler]:
-    """`name:path` or `path` entries; unnamed ones are `amortised`, `amortised_2`, ..."""
-    schedulers = {}
+    """`name:path` or `path` entries; unnamed ones are `amortised`, `amortised_2`, ... Each of `operating_points`
+    is the first checkpoint again, scoring with those options (`NeuralScheduler.load`), named `FIRST@POINT`."""
+    points = operating_points(cfg)
+    schedulers, first_path = {}, None
     for entry in cfg.checkpoints:
         name, _, path = entry.partition(":") if ":" in entry and "/" not in entry.split(":")[0] else ("", "", entry)
         name = name or ("amortised" if "amortised" not in schedulers else f"amortised_{len(schedulers) + 1}")
         schedulers[name] = NeuralScheduler.load(Path(cfg.root) / path)
+        first_path = first_path or Path(cfg.root) / path
+    first = next(iter(schedulers))
+    for point, options in points.items():
+        schedulers[f"{first}@{point}"] = NeuralScheduler.load(first_path, embedder=schedulers[first].embedder, **options)
     return schedulers
+
+
+def operating_points(cfg: DictConfig) -> dict[str, dict]:
+    """`cfg.operating_points` as plain dicts, checked before any checkpoint is loaded."""
+    points = OmegaConf.to_container(cfg.operating_points) if cfg.get("operating_points") else {}
+    for point, options in points.items():
+        if not isinstance(options, dict) or not set(options) <= set(OPERATING_POINT_OPTIONS):
+            raise DataError(f"operating_points.{point}: expected a mapping of {', '.join(OPERATING_POINT_OPTIONS)} "
+                            f"to values; got {options!r}")
+    return points
 
 
 def parse(name: str) -> dict[str, object]:
@@ -204,11 +220,22 @@ def mean_over(rows: list[dict], by: tuple[str, ...], value: str) -> list[dict]:
     return [{**dict(zip(by, key)), value: float(np.mean(v))} for key, v in groups.items()]
 
 
+def worst_over(rows: list[dict], by: tuple[str, ...], value: str) -> list[dict]:
+    """The lowest `value` of each group: the worst task, fold or set, which a mean hides."""
+    groups: dict[tuple, float] = {}
+    for r in rows:
+        key = tuple(r[b] for b in by)
+        groups[key] = min(groups.get(key, np.inf), r[value])
+    return [{**dict(zip(by, key)), value: low} for key, low in groups.items()]
+
+
 def report(cfg: DictConfig, results: dict, wall: float) -> str:
     detection = results["detection"]
     parts = [f"# Evaluation ({cfg.evaluation.name})", "",
              f"Command: `python -m scheduler.evaluate {command_line_overrides()}`", "",
-             f"Wall time: {wall:.0f} s. Checkpoints: {list(cfg.checkpoints)}. Rows of the evaluation files that "
+             f"Wall time: {wall:.0f} s. Checkpoints: {list(cfg.checkpoints)}"
+             + (f", and the first at operating points {OmegaConf.to_container(cfg.operating_points)}"
+                if cfg.get("operating_points") else "") + ". Rows of the evaluation files that "
              f"trained a checkpoint were removed: {results['removed_rows']}. Sets of {cfg.evaluation.set_size} rows, "
              f"{cfg.evaluation.draws} drawn per task, harmful source and ratio; every table averages the draws.", ""]
     for metric, what in (("auroc", "AUROC (harmful = positive, lower weight = flagged)"),
@@ -218,9 +245,16 @@ def report(cfg: DictConfig, results: dict, wall: float) -> str:
                          ("harmful_below_half", "Harmful rows weighted below 0.5")):
         parts += [f"## {what}, mean over tasks and sources", "", table(mean_over(detection, ("method", "p"), metric),
                                                                        ("method",), "p", metric), ""]
-    parts += ["## AUROC per task (mean over ratios with harmful rows)", "",
-              table(mean_over(detection, ("method", "task"), "auroc"), ("method",), "task", "auroc"), "",
-              "## AUROC per harm category (mean over sets)", "",
+    per_task = mean_over(detection, ("method", "p", "task"), "auroc")
+    parts += ["## AUROC on the worst task (each task's mean over sources and draws)", "",
+              table(worst_over(per_task, ("method", "p"), "auroc"), ("method",), "p", "auroc"), "",
+              "## AUROC per task (mean over ratios with harmful rows)", "",
+              table(mean_over(detection, ("method", "task"), "auroc"), ("method",), "task", "auroc"), ""]
+    for metric, what in (("auroc", "AUROC"), ("harmful_weight_share", "Share of total weight on harmful rows")):
+        parts += [f"## {what} per harmful source (mean over tasks)", "",
+                  table(mean_over(detection, ("method", "harmful_source", "p"), metric), ("harmful_source", "method"),
+                        "p", metric), ""]
+    parts += ["## AUROC per harm category (mean over sets)", "",
               table(mean_over(results["categories"], ("method", "category"), "auroc"), ("category",), "method", "auroc"), ""]
     if results["downstream"]:
         down = results["downstream"]

@@ -25,6 +25,9 @@ from scheduler.refinement import SetRefinement
 from scheduler.transforms import posterior_weights
 
 CHECKPOINT_KEY = "scheduler"
+# What `NeuralScheduler.load` lets a caller change about how a checkpoint scores: its operating point.
+OPERATING_POINT_OPTIONS = ("scoring_shift", "scoring_shift_taper", "withhold_below", "withhold_block",
+                           "withhold_spares_refusals")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from test_module import fit
 from scheduler.data.datamodule import EmbeddedSet, SetBatch
 from scheduler.data.io import Example
 from scheduler.downstream import accuracy, is_correct
-from scheduler.evaluate import build_grid, mean_over, parse, table
+from scheduler.evaluate import build_grid, mean_over, parse, table, worst_over
 from scheduler.features import AlignmentBank
 from scheduler.judges import RefusalJudge, agreement
 from scheduler.refusals import is_refusal
@@ -120,6 +120,18 @@ def test_missing_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("points", "named"), [("{strict:{withhold_below:-6},loose:{scoring_shfit:0}}", "loose"),
+                                                ("{late:5}", "late")])
+def test_bad_operating_point_is_a_clear_error_before_any_checkpoint_loads(tmp_path, points, named):
+    result = subprocess.run([sys.executable, "-m", "scheduler.evaluate", f"checkpoints=[{tmp_path / 'none.ckpt'}]",
+                             f"operating_points={points}", f"output_dir={tmp_path / 'out'}",
+                             f"hydra.run.dir={tmp_path / 'hydra'}"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: operating_points.{named}: expected a mapping of scoring_shift, scoring_shift_taper")
+    assert not (tmp_path / "out").exists()
+
+
 def test_full_preset_composes_on_top_of_quick():
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
@@ -136,6 +148,8 @@ def test_markdown_pivot_of_means():
     assert {(r["method"], r["p"], r["auroc"]) for r in means} == {("a", 0.1, 0.75), ("b", 0.3, 0.25)}
     text = table(means, ("method",), "p", "auroc")
     assert "| a | 0.750 |  |" in text and "| b |  | 0.250 |" in text
+    per_task = [{"method": "a", "task": t, "auroc": v} for t, v in (("x", 0.9), ("y", 0.7), ("z", 0.8))]
+    assert worst_over(per_task, ("method",), "auroc") == [{"method": "a", "auroc": 0.7}]
 
 
 @pytest.mark.slow
@@ -184,10 +198,18 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
     detection = subprocess.run(
         [sys.executable, "-m", "scheduler.evaluate", *common, "evaluation=detection", "evaluation.set_size=16",
          "collection_files=[harmful.jsonl,benign_sentiment.jsonl]", f"output_dir={detection_out}",
-         f"lm.name_or_path={tmp_path / 'no_such_lm'}"], capture_output=True, text=True, cwd=ROOT)
+         "operating_points={unshifted:{scoring_shift:0}}", f"lm.name_or_path={tmp_path / 'no_such_lm'}"],
+        capture_output=True, text=True, cwd=ROOT)
     assert detection.returncode == 0, detection.stderr[-3000:]
     found = json.loads((detection_out / "results.json").read_text())
-    assert {r["method"] for r in found["detection"]} == methods - {"scalar_bds"}
+    assert {r["method"] for r in found["detection"]} == methods - {"scalar_bds"} | {"tiny@unshifted"}
+    # the same rows scored without the shift (the prior belief that a row is benign): less weight on harmful rows
+    share = {m: np.mean([r["harmful_weight_share"] for r in found["detection"] if r["method"] == m and r["p"] == 0.1])
+             for m in ("tiny", "tiny@unshifted")}
+    assert share["tiny@unshifted"] < share["tiny"]
+    report = (detection_out / "evaluation.md").read_text()
+    assert "## AUROC on the worst task" in report and "## AUROC per harmful source" in report
+    assert "| harmful | tiny@unshifted |" in report
     assert sorted({r["p"] for r in found["detection"]}) == [0.0, 0.05, 0.1, 0.3]
     assert found["downstream"] == [] and found["judge_agreement"] is None
     assert not (detection_out / "answers.jsonl").exists()
