@@ -224,8 +224,9 @@ def worst_over(rows: list[dict], by: tuple[str, ...], value: str) -> list[dict]:
     """The lowest `value` of each group: the worst task, fold or set, which a mean hides."""
     groups: dict[tuple, float] = {}
     for r in rows:
-        key = tuple(r[b] for b in by)
-        groups[key] = min(groups.get(key, np.inf), r[value])
+        if not np.isnan(r[value]):
+            key = tuple(r[b] for b in by)
+            groups[key] = min(groups.get(key, np.inf), r[value])
     return [{**dict(zip(by, key)), value: low} for key, low in groups.items()]
 
 
@@ -248,6 +249,8 @@ def report(cfg: DictConfig, results: dict, wall: float) -> str:
     per_task = mean_over(detection, ("method", "p", "task"), "auroc")
     parts += ["## AUROC on the worst task (each task's mean over sources and draws)", "",
               table(worst_over(per_task, ("method", "p"), "auroc"), ("method",), "p", "auroc"), "",
+              "## Benign rows kept on the lowest set (any task, source or draw)", "",
+              table(worst_over(detection, ("method", "p"), "benign_kept"), ("method",), "p", "benign_kept"), "",
               "## AUROC per task (mean over ratios with harmful rows)", "",
               table(mean_over(detection, ("method", "task"), "auroc"), ("method",), "task", "auroc"), ""]
     for metric, what in (("auroc", "AUROC"), ("harmful_weight_share", "Share of total weight on harmful rows")):

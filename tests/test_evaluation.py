@@ -148,8 +148,9 @@ def test_markdown_pivot_of_means():
     assert {(r["method"], r["p"], r["auroc"]) for r in means} == {("a", 0.1, 0.75), ("b", 0.3, 0.25)}
     text = table(means, ("method",), "p", "auroc")
     assert "| a | 0.750 |  |" in text and "| b |  | 0.250 |" in text
-    per_task = [{"method": "a", "task": t, "auroc": v} for t, v in (("x", 0.9), ("y", 0.7), ("z", 0.8))]
-    assert worst_over(per_task, ("method",), "auroc") == [{"method": "a", "auroc": 0.7}]
+    per_task = [{"method": m, "task": t, "auroc": v} for m, t, v in (("a", "x", 0.9), ("a", "y", 0.7), ("a", "z", 0.8),
+                                                                       ("b", "x", np.nan))]
+    assert worst_over(per_task, ("method",), "auroc") == [{"method": "a", "auroc": 0.7}]  # b has no AUROC at all
 
 
 @pytest.mark.slow
@@ -209,6 +210,9 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
     assert share["tiny@unshifted"] < share["tiny"]
     report = (detection_out / "evaluation.md").read_text()
     assert "## AUROC on the worst task" in report and "## AUROC per harmful source" in report
+    lowest = min(r["benign_kept"] for r in found["detection"] if r["method"] == "tiny" and r["p"] == 0.3)
+    assert any(line.startswith("| tiny |") and line.endswith(f"| {lowest:.3f} |")
+               for line in report.split("## Benign rows kept on the lowest set")[1].splitlines()[:12])
     assert "| harmful | tiny@unshifted |" in report
     assert sorted({r["p"] for r in found["detection"]}) == [0.0, 0.05, 0.1, 0.3]
     assert found["downstream"] == [] and found["judge_agreement"] is None
