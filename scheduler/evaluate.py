@@ -5,6 +5,7 @@ LM safe while it learns the task, and beat (or undercut in cost) what a user wou
     python -m scheduler.evaluate                             # quick preset -> docs/evaluation/quick/
     python -m scheduler.evaluate evaluation=full 'checkpoints=[amortised:A.ckpt,with_summary:B.ckpt]'
     python -m scheduler.evaluate evaluation=detection 'checkpoints=[A.ckpt]' 'harmful_sources=[mine.jsonl]'  # no LM
+    python -m scheduler.evaluate evaluation=detection ... 'operating_points={withhold:{withhold_below:-6}}'  # A@withhold too
 
 Every method weights the same grid of sets (benign task x harmful source x ratio p). Rows
 that trained a checkpoint (keys stored in it) are removed from every evaluation pool, so
