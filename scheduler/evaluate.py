@@ -36,7 +36,7 @@ from scheduler.evidence import LMEvidence
 from scheduler.judges import EmbeddingHarmJudge, RefusalJudge, agreement
 from scheduler.lexical import RowTexts
 from scheduler.metrics import detection_metrics
-from scheduler.plots import roc_curves, weight_distributions, weight_history
+from scheduler.plots import by_ratio, roc_curves, weight_distributions, weight_history
 from scheduler.scalar import ScalarBDS
 from scheduler.scoring import OPERATING_POINT_OPTIONS, NeuralScheduler
 from scheduler.training import CONFIG_DIR, build_evidence, command_line_overrides, register_resolvers
@@ -221,6 +221,22 @@ def mean_over(rows: list[dict], by: tuple[str, ...], value: str) -> list[dict]:
     return [{**dict(zip(by, key)), value: float(np.mean(v))} for key, v in groups.items()]
 
 
+def summary_plot(detection: list[dict], path: Path) -> Path:
+    """Mean AUROC, worst task's AUROC and harmful share of weight against the harmful ratio, one line per method
+    (without the references: uniform and the label oracle)."""
+    rows = [r for r in detection if r["method"] not in ("uniform", "label_oracle") and r["p"] > 0]
+    per_task = mean_over(rows, ("method", "p", "task"), "auroc")
+    panels = {"AUROC, mean over tasks and sources": (mean_over(rows, ("method", "p"), "auroc"), "auroc"),
+              "AUROC, worst task": (worst_over(per_task, ("method", "p"), "auroc"), "auroc"),
+              "harmful share of total weight": (mean_over(rows, ("method", "p"), "harmful_weight_share"),
+                                                "harmful_weight_share")}
+    series: dict[str, dict[str, dict[float, float]]] = {figure: {} for figure in panels}
+    for figure, (values, value) in panels.items():
+        for r in values:
+            series[figure].setdefault(r["method"], {})[r["p"]] = r[value]
+    return by_ratio(series, "Every method on the same sets, by harmful ratio", path)
+
+
 def worst_over(rows: list[dict], by: tuple[str, ...], value: str) -> list[dict]:
     """The lowest `value` of each group: the worst task, fold or set, which a mean hides."""
     groups: dict[tuple, float] = {}
@@ -268,7 +284,7 @@ def report(cfg: DictConfig, results: dict, wall: float) -> str:
     if results.get("judge_agreement"):
         parts += ["## Judges against hand labels", "", "```", json.dumps(results["judge_agreement"], indent=1), "```", ""]
     parts += ["## Cost of weighting one new dataset", "", "```", json.dumps(results["cost"], indent=1), "```", "",
-              "Plots: `plots/roc_*.png`, `plots/weights_*.png`"
+              "Plots: `plots/by_ratio.png` (every method by harmful ratio), `plots/roc_*.png`, `plots/weights_*.png`"
               + (", `plots/history_*.png` (the scalar BDS's weights over its steps)." if cfg.evaluation.scalar.enabled else ".")]
     return "\n".join(parts) + "\n"
 
@@ -319,6 +335,7 @@ def evaluate(cfg: DictConfig) -> dict:
             weight_distributions(labels, weights, s.name, out / "plots" / f"weights_{slug}.png")
             if s.name in methods.histories:
                 weight_history(methods.histories[s.name], labels, s.name, out / "plots" / f"history_{slug}.png")
+    summary_plot(detection, out / "plots" / "by_ratio.png")
     all_rows = [e for s in sets for e in s.examples]
     cost_rows = random.Random(cfg.seed).sample(all_rows, min(cfg.evaluation.cost_rows, len(all_rows)))
     results = {"removed_rows": len(seen), "detection": detection, "categories": categories,

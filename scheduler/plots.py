@@ -108,3 +108,23 @@ def figures_per_seed(values: dict[str, dict[str, list[float]]], targets: dict[st
     axes[0][0].invert_yaxis()
     fig.suptitle(title, y=1.02)
     return save_figure(fig, path, dpi=110, bbox_inches="tight")
+
+
+def by_ratio(panels: dict[str, dict[str, dict[float, float]]], title: str, path: Path) -> Path:
+    """One panel per figure (`panels`: figure -> method -> harmful ratio -> value), each method a line over the
+    ratios: how a method holds up as a set holds more harmful rows. A panel of a harmful share gets the line of
+    weighting nothing (share = ratio)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (figure, per_method) in zip(axes[0], panels.items()):
+        for i, (method, values) in enumerate(per_method.items()):
+            ratios = sorted(values)
+            ax.plot(ratios, [values[p] for p in ratios], marker="o", color=f"C{i}", label=method)
+        if "share" in figure:
+            ratios = sorted({p for values in per_method.values() for p in values})
+            ax.plot(ratios, ratios, color="grey", linestyle=":", label="no weighting")
+        ax.set(title=figure, xlabel="harmful ratio p of the set")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title, y=1.03)
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")

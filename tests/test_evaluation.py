@@ -187,7 +187,7 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
     assert all(0 <= r["hs_refusal"] <= 1 and 0 <= r["fa"] <= 1 for r in results["downstream"])
     assert results["judge_agreement"]["refusal"]["accuracy"] == 1.0  # the two hand rows are unambiguous
     assert results["cost"]["rows"] == 20 and results["cost"]["scalar_bds_seconds"] > 0 and results["cost"]["tiny_seconds"] > 0
-    assert {p.name.split("_")[0] for p in (out / "plots").iterdir()} == {"roc", "weights", "history"}
+    assert {p.name.split("_")[0] for p in (out / "plots").iterdir()} == {"roc", "weights", "history", "by"}
     assert "## AUROC" in (out / "evaluation.md").read_text()
     assert len((out / "answers.jsonl").read_text().splitlines()) == 4 * len(methods | {"no_finetune"})
     rerun = subprocess.run([sys.executable, "-m", "scheduler.evaluate", *common, "judges_only=true"],
@@ -222,5 +222,5 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
     plots = sorted(p.name for p in (detection_out / "plots").iterdir())
     assert [name for name in plots if name.startswith("roc")] == [f"roc_cooking_harmful_p{p}.png"
                                                                  for p in (0.05, 0.1, 0.3)]  # first draw only
-    assert {name.split("_")[0] for name in plots} == {"roc", "weights"}
+    assert {name.split("_")[0] for name in plots} == {"roc", "weights", "by"}
     assert "history" not in (detection_out / "evaluation.md").read_text()
