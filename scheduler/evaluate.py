@@ -78,15 +78,15 @@ def load_checkpoints(cfg: DictConfig) -> dict[str, NeuralScheduler]:
     """`name:path` or `path` entries; unnamed ones are `amortised`, `amortised_2`, ... Each of `operating_points`
     is the first checkpoint again, scoring with those options (`NeuralScheduler.load`), named `FIRST@POINT`."""
     points = operating_points(cfg)
-    schedulers, first_path = {}, None
+    schedulers, paths = {}, {}
     for entry in cfg.checkpoints:
         name, _, path = entry.partition(":") if ":" in entry and "/" not in entry.split(":")[0] else ("", "", entry)
         name = name or ("amortised" if "amortised" not in schedulers else f"amortised_{len(schedulers) + 1}")
-        schedulers[name] = NeuralScheduler.load(Path(cfg.root) / path)
-        first_path = first_path or Path(cfg.root) / path
+        paths[name] = Path(cfg.root) / path
+        schedulers[name] = NeuralScheduler.load(paths[name])
     first = next(iter(schedulers))
     for point, options in points.items():
-        schedulers[f"{first}@{point}"] = NeuralScheduler.load(first_path, embedder=schedulers[first].embedder, **options)
+        schedulers[f"{first}@{point}"] = NeuralScheduler.load(paths[first], embedder=schedulers[first].embedder, **options)
     return schedulers
 
 
@@ -213,21 +213,35 @@ def table(rows: list[dict], index: tuple[str, ...], columns: str, value: str) ->
     return "\n".join(lines)
 
 
-def mean_over(rows: list[dict], by: tuple[str, ...], value: str) -> list[dict]:
+def grouped(rows: list[dict], by: tuple[str, ...], value: str) -> dict[tuple, list[float]]:
+    """Each group's values of `value` (NaN left out: AUROC on a set without harmful rows)."""
     groups: dict[tuple, list[float]] = {}
     for r in rows:
         if not np.isnan(r[value]):
             groups.setdefault(tuple(r[b] for b in by), []).append(r[value])
-    return [{**dict(zip(by, key)), value: float(np.mean(v))} for key, v in groups.items()]
+    return groups
+
+
+def mean_over(rows: list[dict], by: tuple[str, ...], value: str) -> list[dict]:
+    return [{**dict(zip(by, key)), value: float(np.mean(v))} for key, v in grouped(rows, by, value).items()]
+
+
+def worst_over(rows: list[dict], by: tuple[str, ...], value: str) -> list[dict]:
+    """The lowest `value` of each group: the worst task, fold or set, which a mean hides."""
+    return [{**dict(zip(by, key)), value: min(v)} for key, v in grouped(rows, by, value).items()]
+
+
+def worst_task_auroc(detection: list[dict]) -> list[dict]:
+    """Per method and ratio, the AUROC of the task whose mean over sources and draws is lowest."""
+    return worst_over(mean_over(detection, ("method", "p", "task"), "auroc"), ("method", "p"), "auroc")
 
 
 def summary_plot(detection: list[dict], path: Path) -> Path:
     """Mean AUROC, worst task's AUROC and harmful share of weight against the harmful ratio, one line per method
     (without the references: uniform and the label oracle)."""
     rows = [r for r in detection if r["method"] not in ("uniform", "label_oracle") and r["p"] > 0]
-    per_task = mean_over(rows, ("method", "p", "task"), "auroc")
     panels = {"AUROC, mean over tasks and sources": (mean_over(rows, ("method", "p"), "auroc"), "auroc"),
-              "AUROC, worst task": (worst_over(per_task, ("method", "p"), "auroc"), "auroc"),
+              "AUROC, worst task": (worst_task_auroc(rows), "auroc"),
               "harmful share of total weight": (mean_over(rows, ("method", "p"), "harmful_weight_share"),
                                                 "harmful_weight_share")}
     series: dict[str, dict[str, dict[float, float]]] = {figure: {} for figure in panels}
@@ -235,16 +249,6 @@ def summary_plot(detection: list[dict], path: Path) -> Path:
         for r in values:
             series[figure].setdefault(r["method"], {})[r["p"]] = r[value]
     return by_ratio(series, "Every method on the same sets, by harmful ratio", path)
-
-
-def worst_over(rows: list[dict], by: tuple[str, ...], value: str) -> list[dict]:
-    """The lowest `value` of each group: the worst task, fold or set, which a mean hides."""
-    groups: dict[tuple, float] = {}
-    for r in rows:
-        if not np.isnan(r[value]):
-            key = tuple(r[b] for b in by)
-            groups[key] = min(groups.get(key, np.inf), r[value])
-    return [{**dict(zip(by, key)), value: low} for key, low in groups.items()]
 
 
 def report(cfg: DictConfig, results: dict, wall: float) -> str:
@@ -263,9 +267,8 @@ def report(cfg: DictConfig, results: dict, wall: float) -> str:
                          ("harmful_below_half", "Harmful rows weighted below 0.5")):
         parts += [f"## {what}, mean over tasks and sources", "", table(mean_over(detection, ("method", "p"), metric),
                                                                        ("method",), "p", metric), ""]
-    per_task = mean_over(detection, ("method", "p", "task"), "auroc")
     parts += ["## AUROC on the worst task (each task's mean over sources and draws)", "",
-              table(worst_over(per_task, ("method", "p"), "auroc"), ("method",), "p", "auroc"), "",
+              table(worst_task_auroc(detection), ("method",), "p", "auroc"), "",
               "## Benign rows kept on the lowest set (any task, source or draw)", "",
               table(worst_over(detection, ("method", "p"), "benign_kept"), ("method",), "p", "benign_kept"), "",
               "## AUROC per task (mean over ratios with harmful rows)", "",
