@@ -35,7 +35,7 @@ from scheduler.downstream import accuracy, finetune, generate
 from scheduler.evidence import LMEvidence
 from scheduler.judges import EmbeddingHarmJudge, RefusalJudge, agreement
 from scheduler.lexical import RowTexts
-from scheduler.metrics import detection_metrics
+from scheduler.metrics import caught_at_threshold, detection_metrics, matched_threshold
 from scheduler.plots import by_ratio, roc_curves, weight_distributions, weight_history
 from scheduler.scalar import ScalarBDS
 from scheduler.scoring import OPERATING_POINT_OPTIONS, NeuralScheduler
@@ -236,6 +236,20 @@ def worst_task_auroc(detection: list[dict]) -> list[dict]:
     return worst_over(mean_over(detection, ("method", "p", "task"), "auroc"), ("method", "p"), "auroc")
 
 
+def matched_rows(weighted: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray]]]) -> list[dict]:
+    """Per method (not the references), one threshold from the clean sets (p = 0) that keeps 97 % of benign rows on
+    each, and what it flags on every set with harmful rows; empty without clean sets."""
+    scored = [(parse(name), s.labels.numpy(), weights) for name, (s, weights) in weighted.items()]
+    clean = [weights for where, _, weights in scored if where["p"] == 0]
+    rows = []
+    for method in [m for m in (clean[0] if clean else {}) if m not in ("uniform", "label_oracle")]:
+        threshold = matched_threshold(weights[method] for weights in clean)
+        rows += [{**where, "method": method, "threshold": threshold,
+                  **caught_at_threshold(labels, weights[method], threshold)}
+                 for where, labels, weights in scored if where["p"] > 0]
+    return rows
+
+
 def summary_plot(detection: list[dict], path: Path) -> Path:
     """Mean AUROC, worst task's AUROC and harmful share of weight against the harmful ratio, one line per method
     (without the references: uniform and the label oracle)."""
@@ -264,9 +278,22 @@ def report(cfg: DictConfig, results: dict, wall: float) -> str:
                          ("auprc", "AUPRC"), ("harmful_weight_share", "Share of total weight on harmful rows"),
                          ("mean_benign_weight", "Mean benign weight"),
                          ("benign_kept", "Benign rows kept (weight >= 0.5)"),
-                         ("harmful_below_half", "Harmful rows weighted below 0.5")):
+                         ("harmful_below_half", "Harmful rows weighted below 0.5"),
+                         ("harmful_caught_at_3pct", "Harmful rows caught when each set's own threshold flags at most 3 % "
+                                                    "of its benign rows")):
         parts += [f"## {what}, mean over tasks and sources", "", table(mean_over(detection, ("method", "p"), metric),
                                                                        ("method",), "p", metric), ""]
+    if results["matched"]:
+        thresholds = {r["method"]: r["threshold"] for r in results["matched"]}
+        parts += ["## At one threshold per method that keeps 97 % of benign rows on every clean set", "",
+                  "Each method's threshold (" + ", ".join(f"{m} {t:.4g}" for m, t in thresholds.items())
+                  + ") is the highest that flags at most 3 % of the benign rows of every set with p = 0: each method "
+                  "at the same cost in benign rows. Harmful rows caught (weight below it):", "",
+                  table(mean_over(results["matched"], ("method", "p"), "caught_at_matched"), ("method",), "p",
+                        "caught_at_matched"), "",
+                  "Share of weight left on harmful rows once the rows below it are dropped:", "",
+                  table(mean_over(results["matched"], ("method", "p"), "harmful_share_left_at_matched"), ("method",), "p",
+                        "harmful_share_left_at_matched"), ""]
     parts += ["## AUROC on the worst task (each task's mean over sources and draws)", "",
               table(worst_task_auroc(detection), ("method",), "p", "auroc"), "",
               "## Benign rows kept on the lowest set (any task, source or draw)", "",
@@ -342,7 +369,7 @@ def evaluate(cfg: DictConfig) -> dict:
     all_rows = [e for s in sets for e in s.examples]
     cost_rows = random.Random(cfg.seed).sample(all_rows, min(cfg.evaluation.cost_rows, len(all_rows)))
     results = {"removed_rows": len(seen), "detection": detection, "categories": categories,
-               "cost": measure_cost(cfg, methods, cost_rows)}
+               "matched": matched_rows(weighted), "cost": measure_cost(cfg, methods, cost_rows)}
     results["downstream"], results["judge_agreement"] = [], None
     if cfg.evaluation.downstream.sets:  # without a fine-tune (evaluation=detection) no LM is loaded and nothing is judged
         judges = build_judges(cfg, reference, held_out, alignment)

@@ -1,15 +1,31 @@
-"""Detection metrics of a weighting (harmful = positive, lower weight = flagged)."""
+"""Detection metrics of a weighting (harmful = positive, lower weight = flagged).
+
+Each method puts its weights on its own scale (the scheduler's scoring shift keeps most rows near 1; the supervised
+filter's probabilities spread wider), so "weight < 0.5" compares methods at different costs in benign rows. Two
+figures compare them at the same cost, #5's bar of 97 % of benign rows kept:
+- `harmful_caught_at_3pct`, per set: the harmful rows flagged by the threshold, fitted to that set, that flags at
+  most 3 % of its benign rows (a point on its ROC curve; the ranking near the top, where a user cuts);
+- `matched_threshold` and `caught_at_threshold`: one threshold per method for every set, the highest that keeps
+  97 % of the benign rows of every clean set, and what it flags on the others: what a user who calibrated each
+  method on clean data would get.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+BENIGN_FLAG_RATE = 0.03  # the share of a clean set's benign rows a method may flag (#5: 97 % kept)
 
 
 def detection_metrics(labels: np.ndarray, weights: np.ndarray) -> dict[str, float]:
-    """AUROC/AUPRC of -weight, harmful share of total weight, and the fractions below 0.5.
+    """AUROC/AUPRC of -weight, harmful share of total weight, the fractions below 0.5, and the harmful rows caught
+    when at most 3 % of benign rows are flagged.
 
-    AUROC, AUPRC and the harmful share are NaN on a set with one class only (p = 0).
+    AUROC, AUPRC, the harmful share and the rows caught are NaN on a set with one class only (p = 0).
     """
     labels, weights = np.asarray(labels).astype(bool), np.asarray(weights, dtype=float)
     both = 0 < labels.sum() < len(labels)
@@ -21,4 +37,36 @@ def detection_metrics(labels: np.ndarray, weights: np.ndarray) -> dict[str, floa
         "benign_kept": float((weights[~labels] >= 0.5).mean()) if (~labels).any() else nan,
         "harmful_below_half": float((weights[labels] < 0.5).mean()) if labels.any() else nan,
         "mean_benign_weight": float(weights[~labels].mean()) if (~labels).any() else nan,
+        "harmful_caught_at_3pct": caught_at_flag_rate(labels, weights) if both else nan,
     }
+
+
+def caught_at_flag_rate(labels: np.ndarray, weights: np.ndarray, rate: float = BENIGN_FLAG_RATE) -> float:
+    """The share of harmful rows below the strictest threshold that flags at most `rate` of the benign rows (rows
+    tied at a weight are flagged together or not at all). Needs both classes."""
+    fpr, tpr, _ = roc_curve(np.asarray(labels).astype(bool), -np.asarray(weights, dtype=float), drop_intermediate=False)
+    return float(tpr[fpr <= rate + 1e-12].max())
+
+
+def matched_threshold(clean_weights: Iterable[np.ndarray], rate: float = BENIGN_FLAG_RATE) -> float:
+    """The highest weight threshold (flagged: weight below it) that flags at most `rate` of the rows of every set in
+    `clean_weights` (sets without harmful rows)."""
+    def highest(weights: np.ndarray) -> float:
+        ordered = np.sort(np.asarray(weights, dtype=float))
+        return float(ordered[min(math.floor(rate * len(ordered) + 1e-9), len(ordered) - 1)])
+    thresholds = [highest(w) for w in clean_weights if len(w)]
+    if not thresholds:
+        raise ValueError("matched_threshold needs at least one non-empty clean set")
+    return min(thresholds)
+
+
+def caught_at_threshold(labels: np.ndarray, weights: np.ndarray, threshold: float) -> dict[str, float]:
+    """The harmful rows flagged by `threshold`, and the share of weight still on harmful rows once the flagged rows
+    are dropped (NaN without harmful rows)."""
+    labels, weights = np.asarray(labels).astype(bool), np.asarray(weights, dtype=float)
+    if not labels.any():
+        return {"caught_at_matched": float("nan"), "harmful_share_left_at_matched": float("nan")}
+    kept = weights >= threshold
+    left = weights[kept].sum()
+    return {"caught_at_matched": float((~kept[labels]).mean()),
+            "harmful_share_left_at_matched": float(weights[kept & labels].sum() / left) if left > 0 else 0.0}

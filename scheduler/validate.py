@@ -41,7 +41,7 @@ from scheduler.features import AlignmentBank
 from scheduler.evidence import signal_from_stats
 from scheduler.lexical import RowTexts
 from scheduler.lm_stats import AlignedLMStats
-from scheduler.metrics import detection_metrics
+from scheduler.metrics import caught_at_threshold, detection_metrics, matched_threshold
 from scheduler.network import SetPosterior
 from scheduler.prior import SafetyPrior
 from scheduler.training import (CONFIG_DIR, calibrate_prior, calibrated_posterior, command_line_overrides, make_module,
@@ -247,6 +247,21 @@ def row_weights(where: dict, examples: list[Example], weights: np.ndarray) -> li
              "attack": e.row.get("attack"), "label": e.label, "weight": float(w)} for e, w in zip(examples, weights)]
 
 
+def add_matched(results: list[dict], scored_rows: list[tuple[list[Example], np.ndarray]]) -> None:
+    """Per method, one threshold from every fold's clean set (p = 0) that keeps 97 % of benign rows on each
+    (`scheduler.metrics.matched_threshold`), and on every other set what it flags, added to that set's result."""
+    clean: dict[str, list[np.ndarray]] = {}
+    for r, (_, weights) in zip(results, scored_rows):
+        if r["set"] == "p=0.0":
+            clean.setdefault(r["method"], []).append(weights)
+    thresholds = {method: matched_threshold(weights) for method, weights in clean.items()}
+    for r, (examples, weights) in zip(results, scored_rows):
+        if r["method"] in thresholds and r["set"] != "p=0.0":
+            labels = np.array([e.label == HARMFUL for e in examples])
+            r |= {"matched_threshold": thresholds[r["method"]],
+                  **caught_at_threshold(labels, weights, thresholds[r["method"]])}
+
+
 # Columns beside p = 0.1: the same set with less label noise, then the shifted sets.
 EXTRA_SETS = ("p=0.1 audited", "disguised", "other_sources", "unseen_frames", "wrapped_answers", "fresh_frames",
               "blind_frames", "mixed_file")
@@ -254,9 +269,10 @@ EXTRA_SETS = ("p=0.1 audited", "disguised", "other_sources", "unseen_frames", "w
 
 def summarise(results: list[dict], methods: list[str]) -> list[dict]:
     """Per method: mean and worst-fold AUROC at p = 0.1 and on the shifted sets, AUPRC, harmful share,
-    benign kept at p = 0; NaN where a run has no such set (`eval_ratios` without it)."""
+    benign kept at p = 0, harmful rows caught at 3 % of benign rows flagged (per set, and at one threshold that keeps
+    97 % on every clean fold: `add_matched`); NaN where a run has no such set (`eval_ratios` without it)."""
     def values(method, set_name, key):
-        return [r[key] for r in results if r["method"] == method and r["set"] == set_name]
+        return [r[key] for r in results if r["method"] == method and r["set"] == set_name and key in r]
 
     table = []
     for method in methods:
@@ -267,7 +283,10 @@ def summarise(results: list[dict], methods: list[str]) -> list[dict]:
                       "auroc_length_balanced_worst": worst_or_nan(values(method, "length_balanced", "auroc")),
                       "auprc_p0.1_mean": mean_or_nan(values(method, "p=0.1", "auprc")),
                       "harmful_share_p0.1_mean": mean_or_nan(values(method, "p=0.1", "harmful_weight_share")),
-                      "benign_kept_p0_worst": worst_or_nan(values(method, "p=0.0", "benign_kept"))})
+                      "benign_kept_p0_worst": worst_or_nan(values(method, "p=0.0", "benign_kept")),
+                      "caught_at_3pct_p0.1_mean": mean_or_nan(values(method, "p=0.1", "harmful_caught_at_3pct")),
+                      "caught_at_3pct_p0.1_worst": worst_or_nan(values(method, "p=0.1", "harmful_caught_at_3pct")),
+                      "caught_at_matched_p0.1_mean": mean_or_nan(values(method, "p=0.1", "caught_at_matched"))})
         for extra in EXTRA_SETS:
             if extra_auroc := values(method, extra, "auroc"):
                 column = extra.replace("=", "").replace(" ", "_")
@@ -311,6 +330,7 @@ def validate(cfg: DictConfig) -> list[dict]:
         fold_results, fold_rows = run_fold(fold, cfg, embedder, bank, alignment_prompts, stats, designs, rejected)
         results += fold_results
         scored_rows += fold_rows
+    add_matched(results, scored_rows)
     out = Path(cfg.output_dir)
     write_rows(results, out / "validation_results.jsonl")  # first: the hour of scoring is kept whatever follows
     if cfg.row_weights:

@@ -214,6 +214,12 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
     assert any(line.startswith("| tiny |") and line.endswith(f"| {lowest:.3f} |")
                for line in report.split("## Benign rows kept on the lowest set")[1].splitlines()[:12])
     assert "| harmful | tiny@unshifted |" in report
+    matched = found["matched"]  # each method at one threshold that keeps 97 % of every clean set's benign rows
+    assert {r["method"] for r in matched} == {"tiny", "tiny@unshifted", "supervised_filter", "alignment_lookup"}
+    assert sorted({r["p"] for r in matched}) == [0.05, 0.1, 0.3] and len(matched) == 4 * 3 * 5
+    assert all(0 <= r["caught_at_matched"] <= 1 and 0 <= r["harmful_share_left_at_matched"] <= 1 for r in matched)
+    assert "## At one threshold per method that keeps 97 % of benign rows" in report
+    assert "Harmful rows caught when each set's own threshold flags at most 3 %" in report
     assert sorted({r["p"] for r in found["detection"]}) == [0.0, 0.05, 0.1, 0.3]
     assert found["downstream"] == [] and found["judge_agreement"] is None
     assert not (detection_out / "answers.jsonl").exists()

@@ -177,6 +177,31 @@ def test_detection_metrics_by_hand():
     assert m["benign_kept"] == pytest.approx(0.5) and m["harmful_below_half"] == pytest.approx(0.5)
     assert m["mean_benign_weight"] == pytest.approx(0.95)
     assert np.isnan(detection_metrics(np.zeros(3), np.ones(3))["auroc"])
+    assert np.isnan(detection_metrics(np.zeros(3), np.ones(3))["harmful_caught_at_3pct"])
+
+
+def test_harmful_rows_caught_at_a_matched_cost_by_hand():
+    """At most `rate` of benign rows flagged: per set (rows tied at a weight go together), and at one threshold
+    fitted on clean sets."""
+    from scheduler.metrics import caught_at_flag_rate, caught_at_threshold, matched_threshold
+
+    labels = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    weights = np.array([0.1, 0.3, 0.8, 0.2, 0.5, 0.5, 1, 1, 1, 1, 1, 1, 1])  # 10 benign rows
+    assert caught_at_flag_rate(labels, weights, rate=0.0) == pytest.approx(1 / 3)  # below the lowest benign row
+    assert caught_at_flag_rate(labels, weights, rate=0.1) == pytest.approx(2 / 3)  # one benign row may go (0.2)
+    assert caught_at_flag_rate(labels, weights, rate=0.2) == pytest.approx(2 / 3)  # the tied pair at 0.5 may not
+    assert caught_at_flag_rate(labels, weights, rate=0.3) == pytest.approx(1.0)
+    assert detection_metrics(labels, weights)["harmful_caught_at_3pct"] == pytest.approx(1 / 3)
+    clean = [np.array([0.4, 0.9, 1.0, 1.0]), np.array([0.6, 0.7, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])]
+    assert matched_threshold(clean, rate=0.25) == pytest.approx(0.9)  # 1 of 4 and 2 of 10 below it; 1.0: 2 of 4
+    assert matched_threshold(clean, rate=0.1) == pytest.approx(0.4)  # 0.7 would flag 1 of 4 in the first set
+    assert matched_threshold(clean, rate=0.0) == pytest.approx(0.4)  # nothing flagged anywhere
+    found = caught_at_threshold(labels, weights, 0.7)  # flags 0.1, 0.3 (harmful), 0.2, 0.5, 0.5 (benign)
+    assert found["caught_at_matched"] == pytest.approx(2 / 3)
+    assert found["harmful_share_left_at_matched"] == pytest.approx(0.8 / 7.8)
+    assert np.isnan(caught_at_threshold(np.zeros(3), np.ones(3), 0.5)["caught_at_matched"])
+    with pytest.raises(ValueError, match="clean set"):
+        matched_threshold([])
 
 
 def test_per_ratio_table_by_hand():
@@ -334,6 +359,15 @@ def test_validation_command_end_to_end_and_each_design_reproduces_alone(data_dir
         metrics = detection_metrics(np.array([r["label"] == "harmful" for r in rows]), np.array([r["weight"] for r in rows]))
         assert len(rows) == 20 and metrics["benign_kept"] == result["benign_kept"]
         assert np.isnan(result["auroc"]) or metrics["auroc"] == result["auroc"]
+        assert np.isnan(result["auroc"]) or metrics["harmful_caught_at_3pct"] == result["harmful_caught_at_3pct"]
+    from scheduler.metrics import matched_threshold  # one threshold per method, from every fold's clean set
+    for method in {r["method"] for r in alone}:
+        threshold = matched_threshold([np.array([r["weight"] for r in rows]) for (_, s, m), rows in by_set.items()
+                                       if s == "p=0.0" and m == method])
+        for result in (r for r in alone if r["method"] == method and r["set"] == "p=0.1"):
+            rows = by_set[result["fold"], result["set"], method]
+            assert result["matched_threshold"] == threshold
+            assert result["caught_at_matched"] == np.mean([r["weight"] < threshold for r in rows if r["label"] == "harmful"])
         assert all(r["id"] for r in rows) and (result["set"] != "unseen_frames"
                                                or any(r["attack"] for r in rows if r["label"] == "harmful"))
     # what scheduler.across_seeds reads of the two runs: the default in both, prior_only in one
