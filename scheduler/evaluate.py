@@ -250,14 +250,18 @@ def matched_rows(weighted: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray]]])
     return rows
 
 
-def summary_plot(detection: list[dict], path: Path) -> Path:
-    """Mean AUROC, worst task's AUROC and harmful share of weight against the harmful ratio, one line per method
-    (without the references: uniform and the label oracle)."""
+def summary_plot(detection: list[dict], matched: list[dict], path: Path) -> Path:
+    """Mean AUROC, worst task's AUROC, harmful share of weight and (with clean sets: `matched_rows`) the harmful rows
+    caught at one threshold per method against the harmful ratio, one line per method (without the references:
+    uniform and the label oracle)."""
     rows = [r for r in detection if r["method"] not in ("uniform", "label_oracle") and r["p"] > 0]
     panels = {"AUROC, mean over tasks and sources": (mean_over(rows, ("method", "p"), "auroc"), "auroc"),
               "AUROC, worst task": (worst_task_auroc(rows), "auroc"),
               "harmful share of total weight": (mean_over(rows, ("method", "p"), "harmful_weight_share"),
                                                 "harmful_weight_share")}
+    if matched:
+        panels["harmful rows caught, one threshold per method\n(97 % of benign rows kept on every clean set)"] = (
+            mean_over(matched, ("method", "p"), "caught_at_matched"), "caught_at_matched")
     series: dict[str, dict[str, dict[float, float]]] = {figure: {} for figure in panels}
     for figure, (values, value) in panels.items():
         for r in values:
@@ -365,11 +369,12 @@ def evaluate(cfg: DictConfig) -> dict:
             weight_distributions(labels, weights, s.name, out / "plots" / f"weights_{slug}.png")
             if s.name in methods.histories:
                 weight_history(methods.histories[s.name], labels, s.name, out / "plots" / f"history_{slug}.png")
-    summary_plot(detection, out / "plots" / "by_ratio.png")
+    matched = matched_rows(weighted)
+    summary_plot(detection, matched, out / "plots" / "by_ratio.png")
     all_rows = [e for s in sets for e in s.examples]
     cost_rows = random.Random(cfg.seed).sample(all_rows, min(cfg.evaluation.cost_rows, len(all_rows)))
-    results = {"removed_rows": len(seen), "detection": detection, "categories": categories,
-               "matched": matched_rows(weighted), "cost": measure_cost(cfg, methods, cost_rows)}
+    results = {"removed_rows": len(seen), "detection": detection, "categories": categories, "matched": matched,
+               "cost": measure_cost(cfg, methods, cost_rows)}
     results["downstream"], results["judge_agreement"] = [], None
     if cfg.evaluation.downstream.sets:  # without a fine-tune (evaluation=detection) no LM is loaded and nothing is judged
         judges = build_judges(cfg, reference, held_out, alignment)

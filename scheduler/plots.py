@@ -114,11 +114,12 @@ def by_ratio(panels: dict[str, dict[str, dict[float, float]]], title: str, path:
     """One panel per figure (`panels`: figure -> method -> harmful ratio -> value), each method a line over the
     ratios: how a method holds up as a set holds more harmful rows. A panel of a harmful share gets the line of
     weighting nothing (share = ratio)."""
+    methods = list(dict.fromkeys(method for per_method in panels.values() for method in per_method))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (figure, per_method) in zip(axes[0], panels.items()):
-        for i, (method, values) in enumerate(per_method.items()):
+        for method, values in per_method.items():  # a method keeps its colour in every panel
             ratios = sorted(values)
-            ax.plot(ratios, [values[p] for p in ratios], marker="o", color=f"C{i}", label=method)
+            ax.plot(ratios, [values[p] for p in ratios], marker="o", color=f"C{methods.index(method)}", label=method)
         if "share" in figure:
             ratios = sorted({p for values in per_method.values() for p in values})
             ax.plot(ratios, ratios, color="grey", linestyle=":", label="no weighting")
