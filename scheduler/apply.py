@@ -120,7 +120,9 @@ class ApplySummary:
             text += "\ncheck against the file's own 'label' column (not used for scoring):"
             for method, c in self.label_check.items():
                 text += (f"\n  {method:<40} AUROC {c['auroc']:.3f}, harmful share of total weight "
-                         f"{c['harmful_weight_share']:.3f}, benign rows kept (weight >= 0.5) {c['benign_kept']:.1%}")
+                         f"{c['harmful_weight_share']:.3f}, benign rows kept (weight >= 0.5) {c['benign_kept']:.1%}, "
+                         f"harmful rows caught when at most 3 % of benign rows are flagged "
+                         f"{c['harmful_caught_at_3pct']:.1%}")
         return text
 
 

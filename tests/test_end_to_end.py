@@ -91,8 +91,12 @@ def test_label_check_puts_the_alignment_lookup_beside_the_scheduler(trained, dat
     harmful = np.array([r["label"] == "harmful" for r in rows])
     lookup = summary.label_check["alignment look-up (baseline, same rows)"]
     assert lookup["auroc"] == pytest.approx(roc_auc_score(harmful, similarity), abs=1e-6)
-    assert summary.label_check["scheduler"]["auroc"] == pytest.approx(
-        roc_auc_score(harmful, -np.array([json.loads(line)["weight"] for line in (tmp_path / "w.jsonl").open()])), abs=1e-6)
+    weights = np.array([json.loads(line)["weight"] for line in (tmp_path / "w.jsonl").open()])
+    assert summary.label_check["scheduler"]["auroc"] == pytest.approx(roc_auc_score(harmful, -weights), abs=1e-6)
+    flagged = np.sort(weights[~harmful])[int(0.03 * (~harmful).sum())]  # no benign row ties in this file
+    caught = summary.label_check["scheduler"]["harmful_caught_at_3pct"]
+    assert caught == pytest.approx((weights[harmful] < flagged).mean())
+    assert f"harmful rows caught when at most 3 % of benign rows are flagged {caught:.1%}" in str(summary)
 
 
 def test_group_by_scores_each_group_as_its_own_set(trained, data_dir, tmp_path):
