@@ -21,10 +21,16 @@ def normalise(raw: np.ndarray) -> np.ndarray:
     return raw / max(float(raw.mean()), 1e-12)
 
 
-def alignment_lookup(prompts: torch.Tensor, bank: AlignmentBank, k: int, prior: SafetyPrior) -> np.ndarray:
-    """In float64, like the scheduler's weights: in float32 the sigmoid ties the least similar prompts at exactly 1."""
+def lookup_probability(prompts: torch.Tensor, bank: AlignmentBank, k: int, prior: SafetyPrior) -> np.ndarray:
+    """Each prompt's probability of being benign under the calibrated prior, before the set's normalisation: a row's
+    value does not depend on the rest of its set. In float64, like the scheduler's weights: in float32 the sigmoid
+    ties the least similar prompts at exactly 1."""
     similarity = alignment_similarity(prompts, bank, k)
-    return normalise(torch.sigmoid(prior.mean(similarity).double()).numpy())
+    return torch.sigmoid(prior.mean(similarity).double()).numpy()
+
+
+def alignment_lookup(prompts: torch.Tensor, bank: AlignmentBank, k: int, prior: SafetyPrior) -> np.ndarray:
+    return normalise(lookup_probability(prompts, bank, k, prior))
 
 
 class SupervisedFilter:
@@ -41,5 +47,8 @@ class SupervisedFilter:
         self.model.fit(self._features(prompts, responses), labels)
         return self
 
+    def benign_probability(self, prompts: torch.Tensor, responses: torch.Tensor) -> np.ndarray:
+        return self.model.predict_proba(self._features(prompts, responses))[:, 0]
+
     def weights(self, prompts: torch.Tensor, responses: torch.Tensor) -> np.ndarray:
-        return normalise(self.model.predict_proba(self._features(prompts, responses))[:, 0])
+        return normalise(self.benign_probability(prompts, responses))

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from scheduler.baselines import SupervisedFilter
+from scheduler.baselines import SupervisedFilter, lookup_probability, normalise
 from scheduler.data.datamodule import EmbeddedSet, embed_sets
 from scheduler.data.io import DataError, Example, exit_on_data_error, read_examples, write_rows, write_text
 from scheduler.data.mixing import FineTuningSet, categories_of, mix, read_pool, read_tasks
@@ -139,18 +139,26 @@ class Methods:
                          network_only_steps=scalar.network_only_steps, seed=cfg.seed,
                          accelerator="gpu" if cfg.device.startswith("cuda") else "cpu")
 
-    def weigh(self, s: EmbeddedSet) -> dict[str, np.ndarray]:
-        weights = {"uniform": np.ones(len(s.examples))}
+    def weigh(self, s: EmbeddedSet) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Each method's weights (mean 1 over the set) and, for the schedulers and baselines, a per-row score that no
+        normalisation over the set has moved (higher = safer): what one threshold for every set reads (`matched_rows`).
+        For a scheduler that is the posterior mean logit (`posterior_mu`), for a baseline its probability of benign."""
+        weights, scores = {"uniform": np.ones(len(s.examples))}, {}
         if self.scalar is not None:
             weights["scalar_bds"], self.histories[s.name] = self.scalar.run(s)
         for name, scheduler in self.schedulers.items():
-            weights[name] = scheduler.score_embeddings(s.prompts, s.responses, s.joint, RowTexts.of(s.examples)).weight
-        weights["supervised_filter"] = self.supervised.weights(s.prompts, s.responses)
+            result = scheduler.score_embeddings(s.prompts, s.responses, s.joint, RowTexts.of(s.examples))
+            weights[name], scores[name] = result.weight, result.mu
+        scores["supervised_filter"] = self.supervised.benign_probability(s.prompts, s.responses)
+        weights["supervised_filter"] = normalise(scores["supervised_filter"])
         # A reference, not a method: what perfect knowledge of the labels would do (harmful rows get 0).
         labels = s.labels.numpy()
         weights["label_oracle"] = np.where(labels == 1, 0.0, 1.0) / max(1 - labels.mean(), 1e-12)
-        weights["alignment_lookup"] = self.reference.alignment_lookup(s.prompts)
-        return weights
+        posterior = self.reference.posterior
+        scores["alignment_lookup"] = lookup_probability(s.prompts, posterior.bank, self.reference.config["k"],
+                                                        posterior.prior)
+        weights["alignment_lookup"] = normalise(scores["alignment_lookup"])
+        return weights, scores
 
 
 def measure_cost(cfg: DictConfig, methods: Methods, rows: list[Example]) -> dict[str, float]:
@@ -236,17 +244,18 @@ def worst_task_auroc(detection: list[dict]) -> list[dict]:
     return worst_over(mean_over(detection, ("method", "p", "task"), "auroc"), ("method", "p"), "auroc")
 
 
-def matched_rows(weighted: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray]]]) -> list[dict]:
-    """Per method (not the references), one threshold from the clean sets (p = 0) that keeps 97 % of benign rows on
-    each, and what it flags on every set with harmful rows; empty without clean sets."""
-    scored = [(parse(name), s.labels.numpy(), weights) for name, (s, weights) in weighted.items()]
-    clean = [weights for where, _, weights in scored if where["p"] == 0]
+def matched_rows(weighted: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray], dict[str, np.ndarray]]]) -> list[dict]:
+    """Per method with a per-row score (`Methods.weigh`), one threshold on it from the clean sets (p = 0) that keeps
+    97 % of benign rows on each, and what it flags on every set with harmful rows, with the share of weight it leaves
+    on them; empty without clean sets."""
+    sets = [(parse(name), s.labels.numpy(), weights, scores) for name, (s, weights, scores) in weighted.items()]
+    clean = [scores for where, _, _, scores in sets if where["p"] == 0]
     rows = []
-    for method in [m for m in (clean[0] if clean else {}) if m not in ("uniform", "label_oracle")]:
-        threshold = matched_threshold(weights[method] for weights in clean)
+    for method in clean[0] if clean else {}:
+        threshold = matched_threshold(scores[method] for scores in clean)
         rows += [{**where, "method": method, "threshold": threshold,
-                  **caught_at_threshold(labels, weights[method], threshold)}
-                 for where, labels, weights in scored if where["p"] > 0]
+                  **caught_at_threshold(labels, scores[method], threshold, weights[method])}
+                 for where, labels, weights, scores in sets if where["p"] > 0]
     return rows
 
 
@@ -292,7 +301,9 @@ def report(cfg: DictConfig, results: dict, wall: float) -> str:
         parts += ["## At one threshold per method that keeps 97 % of benign rows on every clean set", "",
                   "Each method's threshold (" + ", ".join(f"{m} {t:.4g}" for m, t in thresholds.items())
                   + ") is the highest that flags at most 3 % of the benign rows of every set with p = 0: each method "
-                  "at the same cost in benign rows. Harmful rows caught (weight below it):", "",
+                  "at the same cost in benign rows. It reads a score no normalisation over the set has moved: a "
+                  "scheduler's posterior mean logit (`posterior_mu`), a baseline's probability of benign. Harmful rows "
+                  "caught (score below it):", "",
                   table(mean_over(results["matched"], ("method", "p"), "caught_at_matched"), ("method",), "p",
                         "caught_at_matched"), "",
                   "Share of weight left on harmful rows once the rows below it are dropped:", "",
@@ -355,10 +366,10 @@ def evaluate(cfg: DictConfig) -> dict:
     methods = Methods(cfg, schedulers, training_collection(cfg, seen), alignment)
     out = Path(cfg.output_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    detection, categories, weighted = [], [], {}
+    detection, categories, weighted, scored = [], [], {}, {}
     for s in tqdm(embed_sets(sets, reference.embedder), desc="weighting the grid"):
-        weights = methods.weigh(s)
-        weighted[s.name] = (s, weights)
+        weights, scores = methods.weigh(s)
+        weighted[s.name], scored[s.name] = (s, weights), (s, weights, scores)
         labels = s.labels.numpy()
         for method, w in weights.items():
             detection.append({**parse(s.name), "method": method, **detection_metrics(labels, w)})
@@ -369,7 +380,7 @@ def evaluate(cfg: DictConfig) -> dict:
             weight_distributions(labels, weights, s.name, out / "plots" / f"weights_{slug}.png")
             if s.name in methods.histories:
                 weight_history(methods.histories[s.name], labels, s.name, out / "plots" / f"history_{slug}.png")
-    matched = matched_rows(weighted)
+    matched = matched_rows(scored)
     summary_plot(detection, matched, out / "plots" / "by_ratio.png")
     all_rows = [e for s in sets for e in s.examples]
     cost_rows = random.Random(cfg.seed).sample(all_rows, min(cfg.evaluation.cost_rows, len(all_rows)))

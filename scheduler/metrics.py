@@ -7,7 +7,10 @@ figures compare them at the same cost, #5's bar of 97 % of benign rows kept:
   most 3 % of its benign rows (a point on its ROC curve; the ranking near the top, where a user cuts);
 - `matched_threshold` and `caught_at_threshold`: one threshold per method for every set, the highest that keeps
   97 % of the benign rows of every clean set, and what it flags on the others: what a user who calibrated each
-  method on clean data would get.
+  method on clean data would get. It reads a per-row score that no normalisation over the set has moved (the
+  scheduler's posterior mean logit, a baseline's probability of benign): weights have mean 1 in every set, so a set
+  whose harmful rows were pushed down has every other row lifted, and one threshold on weights would not mean the
+  same in two sets.
 """
 
 from __future__ import annotations
@@ -48,25 +51,27 @@ def caught_at_flag_rate(labels: np.ndarray, weights: np.ndarray, rate: float = B
     return float(tpr[fpr <= rate + 1e-12].max())
 
 
-def matched_threshold(clean_weights: Iterable[np.ndarray], rate: float = BENIGN_FLAG_RATE) -> float:
-    """The highest weight threshold (flagged: weight below it) that flags at most `rate` of the rows of every set in
-    `clean_weights` (sets without harmful rows)."""
-    def highest(weights: np.ndarray) -> float:
-        ordered = np.sort(np.asarray(weights, dtype=float))
+def matched_threshold(clean_scores: Iterable[np.ndarray], rate: float = BENIGN_FLAG_RATE) -> float:
+    """The highest threshold (flagged: score below it) that flags at most `rate` of the rows of every set in
+    `clean_scores` (per-row scores of sets without harmful rows; higher = safer)."""
+    def highest(scores: np.ndarray) -> float:
+        ordered = np.sort(np.asarray(scores, dtype=float))
         return float(ordered[min(math.floor(rate * len(ordered) + 1e-9), len(ordered) - 1)])
-    thresholds = [highest(w) for w in clean_weights if len(w)]
+    thresholds = [highest(scores) for scores in clean_scores if len(scores)]
     if not thresholds:
         raise ValueError("matched_threshold needs at least one non-empty clean set")
     return min(thresholds)
 
 
-def caught_at_threshold(labels: np.ndarray, weights: np.ndarray, threshold: float) -> dict[str, float]:
-    """The harmful rows flagged by `threshold`, and the share of weight still on harmful rows once the flagged rows
-    are dropped (NaN without harmful rows)."""
-    labels, weights = np.asarray(labels).astype(bool), np.asarray(weights, dtype=float)
+def caught_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float,
+                        weights: np.ndarray) -> dict[str, float]:
+    """The harmful rows whose score lies below `threshold`, and the share of the set's `weights` still on harmful rows
+    once the rows below it are dropped (NaN without harmful rows)."""
+    labels, scores, weights = (np.asarray(labels).astype(bool), np.asarray(scores, dtype=float),
+                               np.asarray(weights, dtype=float))
     if not labels.any():
         return {"caught_at_matched": float("nan"), "harmful_share_left_at_matched": float("nan")}
-    kept = weights >= threshold
+    kept = scores >= threshold
     left = weights[kept].sum()
     return {"caught_at_matched": float((~kept[labels]).mean()),
             "harmful_share_left_at_matched": float(weights[kept & labels].sum() / left) if left > 0 else 0.0}

@@ -22,6 +22,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import lightning as L
@@ -30,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from scheduler.baselines import SupervisedFilter, alignment_lookup
+from scheduler.baselines import SupervisedFilter, lookup_probability, normalise
 from scheduler.data.attacks import BLIND_FRAMES, FRESH_FRAMES, UNSEEN_FRAMES, disguise, disguise_share, wrap_answers
 from scheduler.data.datamodule import EmbeddedSet, SetBatch, embed_sets
 from scheduler.data.io import DataError, Example, exit_on_data_error, iter_rows, write_rows, write_text
@@ -52,6 +53,15 @@ from scheduler.transforms import posterior_weights
 log = logging.getLogger(__name__)
 BASELINES = ("alignment_lookup", "supervised_filter")
 AUDIT_LABELS = ("harmful", "not_harmful", "unclear")
+
+
+class ScoredRows(NamedTuple):
+    """One method's reading of one evaluation set: the rows, their weights (mean 1) and a per-row score that no
+    normalisation over the set has moved (higher = safer)."""
+
+    examples: list[Example]
+    weights: np.ndarray
+    scores: np.ndarray
 
 
 @dataclass
@@ -174,10 +184,16 @@ def train_network(design: DictConfig, embedder: Embedder, bank: AlignmentBank, a
     return module.posterior.eval(), design.transform
 
 
-def score_design(posterior, transform: str, s: EmbeddedSet) -> np.ndarray:
+def score_design(posterior, transform: str, s: EmbeddedSet) -> tuple[np.ndarray, np.ndarray]:
+    """The set's weights and each row's posterior mean logit (the score `add_matched` reads)."""
     with torch.no_grad():
         post = posterior.score(s.prompts, s.responses, s.joint, RowTexts.of(s.examples))
-        return posterior_weights(post.mu, post.sigma, transform)[0].numpy()
+        return posterior_weights(post.mu, post.sigma, transform)[0].numpy(), post.moments().mu.numpy()
+
+
+def normalised_and_raw(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A baseline's weights (mean 1) and its probability of benign, the score `add_matched` reads."""
+    return normalise(raw), raw
 
 
 def at_shift(posterior: SetPosterior, shift: float) -> SetPosterior:
@@ -206,8 +222,8 @@ def framed_training_rows(fold: Fold, fraction: float, benign: bool) -> tuple[dic
 
 def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBank, alignment_prompts: list[str],
              stats: AlignedLMStats | None, designs: dict[str, DictConfig],
-             rejected: set[str] = frozenset()) -> tuple[list[dict], list[tuple[list[Example], np.ndarray]]]:
-    """Metrics per evaluation set and method, and beside each the rows and weights behind it."""
+             rejected: set[str] = frozenset()) -> tuple[list[dict], list[ScoredRows]]:
+    """Metrics per evaluation set and method, and beside each the rows, weights and scores behind it."""
     train_tasks, train_harmful = framed_training_rows(fold, cfg.train_disguise_fraction, cfg.train_disguise_benign)
     train = build_training_sets(train_tasks, train_harmful, cfg.n_train_sets, cfg.set_sizes, cfg.harmful_ratios,
                                 cfg.seed)
@@ -225,41 +241,42 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
             for method, shift in operating_point_names(cfg, designs).items():
                 scorers[method] = lambda s, p=at_shift(posterior, shift), t=transform: score_design(p, t, s)
     lookup_prior = calibrate_prior(SafetyPrior(**cfg.model.prior), bank, torch.cat([s.prompts for s in train_sets]), cfg.k)
-    scorers["alignment_lookup"] = lambda s: alignment_lookup(s.prompts, bank, cfg.k, lookup_prior)
+    scorers["alignment_lookup"] = lambda s: normalised_and_raw(lookup_probability(s.prompts, bank, cfg.k, lookup_prior))
     pool = [e for rows in fold.train_tasks.values() for e in rows] + fold.train_harmful
     pool_embedded = embed_sets([FineTuningSet("pool", pool)], embedder, joint=False)[0]
     supervised = SupervisedFilter().fit(pool_embedded.prompts, pool_embedded.responses, pool_embedded.labels.numpy())
-    scorers["supervised_filter"] = lambda s: supervised.weights(s.prompts, s.responses)
+    scorers["supervised_filter"] = lambda s: normalised_and_raw(supervised.benign_probability(s.prompts, s.responses))
     results, scored_rows = [], []
     for s in evaluation:
         measured = s.measured or len(s.examples)
         for method, score in scorers.items():
-            weights = score(s)[:measured]
+            weights, scores = (values[:measured] for values in score(s))
             results.append({"fold": fold.name, "set": s.name, "method": method,
                             **detection_metrics(s.labels.numpy()[:measured], weights)})
-            scored_rows.append((s.examples[:measured], weights))
+            scored_rows.append(ScoredRows(s.examples[:measured], weights, scores))
     return results, scored_rows
 
 
-def row_weights(where: dict, examples: list[Example], weights: np.ndarray) -> list[dict]:
-    """Each scored row's weight beside its id, label and attack tag: which rows a method let through."""
+def row_weights(where: dict, rows: ScoredRows) -> list[dict]:
+    """Each scored row's weight and score beside its id, label and attack tag: which rows a method let through."""
     return [{"fold": where["fold"], "set": where["set"], "method": where["method"], "id": e.row.get("id"),
-             "attack": e.row.get("attack"), "label": e.label, "weight": float(w)} for e, w in zip(examples, weights)]
+             "attack": e.row.get("attack"), "label": e.label, "weight": float(w), "score": float(score)}
+            for e, w, score in zip(rows.examples, rows.weights, rows.scores)]
 
 
-def add_matched(results: list[dict], scored_rows: list[tuple[list[Example], np.ndarray]]) -> None:
-    """Per method, one threshold from every fold's clean set (p = 0) that keeps 97 % of benign rows on each
-    (`scheduler.metrics.matched_threshold`), and on every other set what it flags, added to that set's result."""
+def add_matched(results: list[dict], scored_rows: list[ScoredRows]) -> None:
+    """Per method, one threshold on its scores from every fold's clean set (p = 0) that keeps 97 % of benign rows on
+    each (`scheduler.metrics.matched_threshold`), and on every other set what it flags, added to that set's result."""
     clean: dict[str, list[np.ndarray]] = {}
-    for r, (_, weights) in zip(results, scored_rows):
+    for r, rows in zip(results, scored_rows):
         if r["set"] == "p=0.0":
-            clean.setdefault(r["method"], []).append(weights)
-    thresholds = {method: matched_threshold(weights) for method, weights in clean.items()}
-    for r, (examples, weights) in zip(results, scored_rows):
+            clean.setdefault(r["method"], []).append(rows.scores)
+    thresholds = {method: matched_threshold(scores) for method, scores in clean.items()}
+    for r, rows in zip(results, scored_rows):
         if r["method"] in thresholds and r["set"] != "p=0.0":
-            labels = np.array([e.label == HARMFUL for e in examples])
+            labels = np.array([e.label == HARMFUL for e in rows.examples])
             r |= {"matched_threshold": thresholds[r["method"]],
-                  **caught_at_threshold(labels, weights, thresholds[r["method"]])}
+                  **caught_at_threshold(labels, rows.scores, thresholds[r["method"]], rows.weights)}
 
 
 # Columns beside p = 0.1: the same set with less label noise, then the shifted sets.
@@ -334,8 +351,8 @@ def validate(cfg: DictConfig) -> list[dict]:
     out = Path(cfg.output_dir)
     write_rows(results, out / "validation_results.jsonl")  # first: the hour of scoring is kept whatever follows
     if cfg.row_weights:
-        write_rows([row for result, (examples, weights) in zip(results, scored_rows)
-                    for row in row_weights(result, examples, weights)], out / "row_weights.jsonl")
+        write_rows([row for result, rows in zip(results, scored_rows) for row in row_weights(result, rows)],
+                   out / "row_weights.jsonl")
     shifts = operating_point_names(cfg, designs)
     methods = [*designs, *shifts, *BASELINES]
     table = summarise(results, methods)

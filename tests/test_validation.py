@@ -196,10 +196,14 @@ def test_harmful_rows_caught_at_a_matched_cost_by_hand():
     assert matched_threshold(clean, rate=0.25) == pytest.approx(0.9)  # 1 of 4 and 2 of 10 below it; 1.0: 2 of 4
     assert matched_threshold(clean, rate=0.1) == pytest.approx(0.4)  # 0.7 would flag 1 of 4 in the first set
     assert matched_threshold(clean, rate=0.0) == pytest.approx(0.4)  # nothing flagged anywhere
-    found = caught_at_threshold(labels, weights, 0.7)  # flags 0.1, 0.3 (harmful), 0.2, 0.5, 0.5 (benign)
+    found = caught_at_threshold(labels, weights, 0.7, weights)  # flags 0.1, 0.3 (harmful), 0.2, 0.5, 0.5 (benign)
     assert found["caught_at_matched"] == pytest.approx(2 / 3)
     assert found["harmful_share_left_at_matched"] == pytest.approx(0.8 / 7.8)
-    assert np.isnan(caught_at_threshold(np.zeros(3), np.ones(3), 0.5)["caught_at_matched"])
+    scores = np.log(weights / (1.5 - weights))  # any score: the threshold reads it, the share reads the weights
+    found = caught_at_threshold(labels, scores, float(np.log(0.7 / 0.8)), 2 * weights)
+    assert found["caught_at_matched"] == pytest.approx(2 / 3)
+    assert found["harmful_share_left_at_matched"] == pytest.approx(0.8 / 7.8)
+    assert np.isnan(caught_at_threshold(np.zeros(3), np.ones(3), 0.5, np.ones(3))["caught_at_matched"])
     with pytest.raises(ValueError, match="clean set"):
         matched_threshold([])
 
@@ -362,12 +366,19 @@ def test_validation_command_end_to_end_and_each_design_reproduces_alone(data_dir
         assert np.isnan(result["auroc"]) or metrics["harmful_caught_at_3pct"] == result["harmful_caught_at_3pct"]
     from scheduler.metrics import matched_threshold  # one threshold per method, from every fold's clean set
     for method in {r["method"] for r in alone}:
-        threshold = matched_threshold([np.array([r["weight"] for r in rows]) for (_, s, m), rows in by_set.items()
+        threshold = matched_threshold([np.array([r["score"] for r in rows]) for (_, s, m), rows in by_set.items()
                                        if s == "p=0.0" and m == method])
         for result in (r for r in alone if r["method"] == method and r["set"] == "p=0.1"):
             rows = by_set[result["fold"], result["set"], method]
             assert result["matched_threshold"] == threshold
-            assert result["caught_at_matched"] == np.mean([r["weight"] < threshold for r in rows if r["label"] == "harmful"])
+            assert result["caught_at_matched"] == np.mean([r["score"] < threshold for r in rows if r["label"] == "harmful"])
+            kept = [r for r in rows if r["score"] >= threshold]
+            assert result["harmful_share_left_at_matched"] == pytest.approx(
+                sum(r["weight"] for r in kept if r["label"] == "harmful") / sum(r["weight"] for r in kept))
+        if method == "supervised_filter":  # a baseline's score is the probability its weights normalise
+            rows = next(rows for (_, s, m), rows in by_set.items() if m == method)
+            scores = np.array([r["score"] for r in rows])
+            assert np.allclose([r["weight"] for r in rows], scores / scores.mean()) and scores.max() <= 1
         assert all(r["id"] for r in rows) and (result["set"] != "unseen_frames"
                                                or any(r["attack"] for r in rows if r["label"] == "harmful"))
     # what scheduler.across_seeds reads of the two runs: the default in both, prior_only in one
