@@ -244,11 +244,11 @@ def worst_task_auroc(detection: list[dict]) -> list[dict]:
     return worst_over(mean_over(detection, ("method", "p", "task"), "auroc"), ("method", "p"), "auroc")
 
 
-def matched_rows(weighted: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray], dict[str, np.ndarray]]]) -> list[dict]:
+def matched_rows(scored: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray], dict[str, np.ndarray]]]) -> list[dict]:
     """Per method with a per-row score (`Methods.weigh`), one threshold on it from the clean sets (p = 0) that keeps
     97 % of benign rows on each, and what it flags on every set with harmful rows, with the share of weight it leaves
     on them; empty without clean sets."""
-    sets = [(parse(name), s.labels.numpy(), weights, scores) for name, (s, weights, scores) in weighted.items()]
+    sets = [(parse(name), s.labels.numpy(), weights, scores) for name, (s, weights, scores) in scored.items()]
     clean = [scores for where, _, _, scores in sets if where["p"] == 0]
     rows = []
     for method in clean[0] if clean else {}:
