@@ -364,6 +364,8 @@ def test_validation_command_end_to_end_and_each_design_reproduces_alone(data_dir
         assert len(rows) == 20 and metrics["benign_kept"] == result["benign_kept"]
         assert np.isnan(result["auroc"]) or metrics["auroc"] == result["auroc"]
         assert np.isnan(result["auroc"]) or metrics["harmful_caught_at_3pct"] == result["harmful_caught_at_3pct"]
+        assert all(r["id"] for r in rows) and (result["set"] != "unseen_frames"
+                                               or any(r["attack"] for r in rows if r["label"] == "harmful"))
     from scheduler.metrics import matched_threshold  # one threshold per method, from every fold's clean set
     for method in {r["method"] for r in alone}:
         threshold = matched_threshold([np.array([r["score"] for r in rows]) for (_, s, m), rows in by_set.items()
@@ -379,8 +381,6 @@ def test_validation_command_end_to_end_and_each_design_reproduces_alone(data_dir
             rows = next(rows for (_, s, m), rows in by_set.items() if m == method)
             scores = np.array([r["score"] for r in rows])
             assert np.allclose([r["weight"] for r in rows], scores / scores.mean()) and scores.max() <= 1
-        assert all(r["id"] for r in rows) and (result["set"] != "unseen_frames"
-                                               or any(r["attack"] for r in rows if r["label"] == "harmful"))
     # what scheduler.across_seeds reads of the two runs: the default in both, prior_only in one
     from scheduler.across_seeds import mean_over_seeds, read_summaries
     both_default = next(row for row in table if row["method"] == "default")
