@@ -177,7 +177,7 @@ def measure_cost(cfg: DictConfig, methods: Methods, rows: list[Example]) -> dict
     return cost
 
 
-def downstream(cfg: DictConfig, sets: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray]]],
+def downstream(cfg: DictConfig, sets: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray], dict[str, np.ndarray]]],
                held_out: dict[str, list[Example]], alignment: list[Example], judges: list) -> tuple[list[dict], list[dict]]:
     """Fine-tune with each method's weights (alignment batch + weighted user batch) on each of `downstream.sets`
     (at least one), then HS and FA."""
@@ -198,7 +198,7 @@ def downstream(cfg: DictConfig, sets: dict[str, tuple[EmbeddedSet, dict[str, np.
                            for i, (p, a) in enumerate(zip(prompts, answers)))
 
     for name in d.sets:
-        embedded, weights = sets[name]
+        embedded, weights, _ = sets[name]
         for method in [m for m in weights if not d.methods or m in d.methods]:
             lm = finetune(lm_cfg, embedded.examples, weights[method], d.steps, d.batch_size, d.lr, cfg.seed,
                           alignment=alignment, desc=f"{name} {method}", device=cfg.device)
@@ -366,10 +366,10 @@ def evaluate(cfg: DictConfig) -> dict:
     methods = Methods(cfg, schedulers, training_collection(cfg, seen), alignment)
     out = Path(cfg.output_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    detection, categories, weighted, scored = [], [], {}, {}
+    detection, categories, scored = [], [], {}
     for s in tqdm(embed_sets(sets, reference.embedder), desc="weighting the grid"):
         weights, scores = methods.weigh(s)
-        weighted[s.name], scored[s.name] = (s, weights), (s, weights, scores)
+        scored[s.name] = (s, weights, scores)
         labels = s.labels.numpy()
         for method, w in weights.items():
             detection.append({**parse(s.name), "method": method, **detection_metrics(labels, w)})
@@ -389,7 +389,7 @@ def evaluate(cfg: DictConfig) -> dict:
     results["downstream"], results["judge_agreement"] = [], None
     if cfg.evaluation.downstream.sets:  # without a fine-tune (evaluation=detection) no LM is loaded and nothing is judged
         judges = build_judges(cfg, reference, held_out, alignment)
-        results["downstream"], answers = downstream(cfg, weighted, held_out, alignment, judges)
+        results["downstream"], answers = downstream(cfg, scored, held_out, alignment, judges)
         write_rows(answers, out / "answers.jsonl")
         results["judge_agreement"] = judge_agreement(cfg, judges)
     write_text(json.dumps(results, indent=1), out / "results.json")
