@@ -10,15 +10,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from scheduler.baselines import normalise
 from scheduler.data.io import DataError, Example, iter_rows, to_example, write_rows
-from scheduler.metrics import detection_metrics
 from scheduler.embeddings import RowEmbeddings
 from scheduler.lexical import RowTexts
+from scheduler.metrics import BENIGN_FLAG_RATE, caught_at_threshold, detection_metrics, matched_threshold
 from scheduler.scoring import NeuralScheduler
 
 
 SMALL_SET = 50  # rows: validation measured sets of 50 to 1,000 rows; the set's own evidence is thin below
 GROUPS_SHOWN = 20
+LOOKUP = "alignment look-up (baseline, same rows)"
 PROMPT_SHOWN = 80  # characters of a flagged row's prompt in the summary
 # A set whose expected harmful fraction reaches this reads mostly harmful. Weights have mean 1 within a set, so they
 # cannot make such a set safe to train on. With the default checkpoint, clean sets read 0.01-0.19 and sets of 200
@@ -67,6 +69,16 @@ class FlaggedRow:
 
 
 @dataclass
+class Cut:
+    """Rows whose `posterior_mu` lies below `threshold` are flagged for removal. The cut reads the posterior mean, not
+    the weight: weights have mean 1 within each set, so one cut on them would not mean the same in two files."""
+
+    threshold: float
+    origin: str  # how it was set, for the summary
+    lookup_threshold: float | None = None  # the alignment look-up's cut on the same clean sets (the label check)
+
+
+@dataclass
 class ApplySummary:
     quantiles: dict[str, float]
     output: Path
@@ -74,6 +86,8 @@ class ApplySummary:
     sets: list[SetSummary]
     label_check: dict[str, dict[str, float]] | None = None
     lowest: list[FlaggedRow] = field(default_factory=list)
+    cut: Cut | None = None
+    flagged: int = 0
 
     @property
     def rows(self) -> int:
@@ -112,6 +126,9 @@ class ApplySummary:
         if small := sum(s.rows < SMALL_SET for s in self.sets):
             text += (f"note: {small} set(s) have fewer than {SMALL_SET} rows; the set's own evidence is thin there "
                      f"(validated on sets of 50 to 1,000 rows)\n")
+        if self.cut:
+            text += (f"flagged for removal (column 'flagged'): {self.flagged} rows ({self.flagged / self.rows:.1%}) "
+                     f"with posterior_mu below {self.cut.threshold:.4g} ({self.cut.origin})\n")
         text += f"weight quantiles: {q}" + (f"\nhistogram: {self.histogram}" if self.histogram else "")
         if self.lowest:
             text += f"\nlowest weights (the {len(self.lowest)} rows the scheduler trusts least):"
@@ -123,14 +140,22 @@ class ApplySummary:
                          f"{c['harmful_weight_share']:.3f}, benign rows kept (weight >= 0.5) {c['benign_kept']:.1%}, "
                          f"harmful rows caught when at most 3 % of benign rows are flagged "
                          f"{c['harmful_caught_at_3pct']:.1%}")
+                if "caught_at_matched" in c:
+                    text += (f"\n  {'':<40} at its cut calibrated on the clean files: harmful rows flagged "
+                             f"{c['caught_at_matched']:.1%}, benign rows flagged {c['benign_flagged_at_matched']:.1%}")
         return text
 
 
-def read_all(path: Path, group_by: str | None = None) -> tuple[list[Example], list[str] | None]:
-    """The file's rows, and with `group_by` each row's group: the value of that field, which every row must have."""
+def read_all(path: Path, group_by: str | None = None,
+             clean: bool = False) -> tuple[list[Example], list[str] | None]:
+    """The file's rows, and with `group_by` each row's group: the value of that field, which every row must have.
+    `clean`: the file calibrates a cut, so no row may carry the label harmful."""
     examples, groups = [], []
     for where, row in tqdm(iter_rows(path), desc="reading", unit=" rows", leave=False):
         examples.append(to_example(row, where))
+        if clean and examples[-1].label == "harmful":
+            raise DataError(f"{where}: field 'label': 'harmful' in a file given to calibrate_on, which expects clean "
+                            "data (benign rows only)")
         if group_by is not None:
             groups.append(group_of(row, group_by, where))
     if not examples:
@@ -156,12 +181,18 @@ def embed_in_chunks(scheduler: NeuralScheduler, examples: list[Example], chunk: 
     return RowEmbeddings(*(torch.cat(part) if part[0] is not None else None for part in zip(*chunks)))
 
 
+def set_members(groups: list[str] | None, count: int) -> dict[str, list[int]]:
+    """The rows of each scored set: one per group, or the whole file."""
+    members: dict[str, list[int]] = {}
+    for i, name in enumerate(groups or ["the set"] * count):
+        members.setdefault(name, []).append(i)
+    return members
+
+
 def score_sets(scheduler: NeuralScheduler, embeddings: RowEmbeddings, examples: list[Example],
                groups: list[str] | None) -> tuple[dict[str, np.ndarray], list[SetSummary]]:
     """Score the rows as one set, or each group as its own set; the columns come back in the rows' order."""
-    members: dict[str, list[int]] = {}
-    for i, name in enumerate(groups or ["the set"] * len(examples)):
-        members.setdefault(name, []).append(i)
+    members = set_members(groups, len(examples))
     columns, sets = {}, []
     for name, rows in tqdm(members.items(), desc="scoring sets", unit=" sets", disable=len(members) == 1):
         index = torch.as_tensor(rows)
@@ -179,7 +210,7 @@ def output_rows(examples: list[Example], columns: dict[str, np.ndarray]) -> list
     rows = []
     for i, example in enumerate(examples):
         row = dict(example.row)
-        row.update({name: float(values[i]) for name, values in columns.items()})
+        row.update({name: values[i].item() for name, values in columns.items()})
         rows.append(row)
     return rows
 
@@ -203,7 +234,8 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                     scoring_shift_taper: Sequence[float] | None = None, group_by: str | None = None,
                     withhold_below: float | None = None,
                     withhold_block: Sequence[float] | None = None, withhold_spares_refusals: bool | None = None,
-                    show_lowest: int = 5) -> ApplySummary:
+                    show_lowest: int = 5, calibrate_on: str | Path | Sequence[str | Path] | None = None,
+                    flag_rate: float = BENIGN_FLAG_RATE, flag_below: float | None = None) -> ApplySummary:
     """Read, embed, score and write atomically; the input file is never modified.
 
     `scoring_shift`, `scoring_shift_taper`, `withhold_below`, `withhold_block` and `withhold_spares_refusals` override
@@ -211,26 +243,73 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     lowest weights.
     `group_by` names a field (a task or source column) whose values split the file into sets scored apart: the
     posterior reads each row against its own set, so a task that is a small part of a mixed file is read against
-    rows like it."""
+    rows like it.
+    A cut adds a `flagged` column (`posterior_mu` below it): `flag_below` gives it, or `calibrate_on` names files of
+    the user's own clean data, scored like the input, and the cut is the highest that flags at most `flag_rate` of
+    the rows of each of their sets: a known cost in benign rows."""
     input_path, output_path = Path(input_path), Path(output_path)
     if isinstance(show_lowest, bool) or not isinstance(show_lowest, int) or show_lowest < 0:
         raise DataError(f"show_lowest: expected a whole number of rows >= 0; got {show_lowest!r}")
-    if output_path.resolve() == input_path.resolve():
-        raise DataError(f"{output_path}: output would overwrite the input; choose another output path")
+    calibration_paths = checked_cut_options(calibrate_on, flag_rate, flag_below)
+    for path in (input_path, *calibration_paths):
+        if output_path.resolve() == path.resolve():
+            raise DataError(f"{output_path}: output would overwrite the input file {path}; choose another output path")
     examples, groups = read_all(input_path, group_by)  # fail on bad rows before spending time on the model
+    calibration = {path: read_all(path, group_by, clean=True) for path in calibration_paths}
     scheduler = NeuralScheduler.load(checkpoint, scoring_shift=scoring_shift, scoring_shift_taper=scoring_shift_taper,
                                      withhold_below=withhold_below, withhold_block=withhold_block,
                                      withhold_spares_refusals=withhold_spares_refusals)
     embeddings = embed_in_chunks(scheduler, examples, chunk)
     columns, sets = score_sets(scheduler, embeddings, examples, groups)
+    cut = (Cut(float(flag_below), f"given: flag_below={flag_below}") if flag_below is not None
+           else calibrate_cut(scheduler, calibration, flag_rate, chunk) if calibration else None)
+    if cut:
+        columns["flagged"] = columns["posterior_mu"] < cut.threshold
     write_rows(output_rows(examples, columns), output_path)
     weights = columns["weight"]
     hist = plot_histogram(weights, output_path.with_suffix(".hist.png")) if histogram else None
     quantiles = dict(zip(["min", "q05", "q25", "median", "q75", "q95", "max"],
                          np.quantile(weights, [0, 0.05, 0.25, 0.5, 0.75, 0.95, 1]).tolist(), strict=True))
     return ApplySummary(quantiles, output_path, hist, sets,
-                        label_check(examples, weights, lambda: scheduler.alignment_lookup(embeddings.prompts)),
-                        lowest_rows(examples, weights, show_lowest))
+                        label_check(examples, columns, lambda: scheduler.lookup_probability(embeddings.prompts), cut),
+                        lowest_rows(examples, weights, show_lowest), cut,
+                        int(columns["flagged"].sum()) if cut else 0)
+
+
+def checked_cut_options(calibrate_on: str | Path | Sequence[str | Path] | None, flag_rate: float,
+                        flag_below: float | None) -> list[Path]:
+    """The calibration files, once the cut's options are known to make sense together."""
+    listed = isinstance(calibrate_on, Sequence) and not isinstance(calibrate_on, str)
+    paths = [] if calibrate_on is None else list(calibrate_on) if listed else [calibrate_on]
+    if isinstance(flag_rate, bool) or not isinstance(flag_rate, (int, float)) or not 0 < flag_rate < 1:
+        raise DataError(f"flag_rate: expected the share of a clean set's rows the cut may flag, between 0 and 1; "
+                        f"got {flag_rate!r}")
+    if flag_below is not None and (isinstance(flag_below, bool) or not isinstance(flag_below, (int, float))):
+        raise DataError(f"flag_below: expected a number (a posterior_mu cut); got {flag_below!r}")
+    if flag_below is not None and paths:
+        raise DataError("calibrate_on and flag_below both set: give the cut (flag_below) or the clean files that set "
+                        "it (calibrate_on), not both")
+    if not all(isinstance(path, (str, Path)) and str(path) for path in paths):
+        raise DataError(f"calibrate_on: expected a file or a list of files of clean rows; got {calibrate_on!r}")
+    return [Path(path) for path in paths]
+
+
+def calibrate_cut(scheduler: NeuralScheduler, calibration: dict[Path, tuple[list[Example], list[str] | None]],
+                  rate: float, chunk: int) -> Cut:
+    """The highest `posterior_mu` cut that flags at most `rate` of the rows of every clean set (each file, or each of
+    its groups), scored as the input is; and the alignment look-up's cut on the same sets, for the label check."""
+    mu, lookup = [], []
+    for examples, groups in calibration.values():
+        embeddings = embed_in_chunks(scheduler, examples, chunk)
+        columns, _ = score_sets(scheduler, embeddings, examples, groups)
+        probability = scheduler.lookup_probability(embeddings.prompts)
+        for rows in set_members(groups, len(examples)).values():
+            mu.append(columns["posterior_mu"][rows])
+            lookup.append(probability[rows])
+    rows = sum(len(scores) for scores in mu)
+    origin = (f"calibrated on {', '.join(path.name for path in calibration)}: {len(mu)} clean set(s) of {rows} rows "
+              f"in all, at most {rate:.1%} of each set's rows flagged")
+    return Cut(matched_threshold(mu, rate), origin, matched_threshold(lookup, rate))
 
 
 def lowest_rows(examples: list[Example], weights: np.ndarray, count: int) -> list[FlaggedRow]:
@@ -239,13 +318,21 @@ def lowest_rows(examples: list[Example], weights: np.ndarray, count: int) -> lis
     return [FlaggedRow(int(i) + 1, float(weights[i]), examples[i].prompt) for i in order]
 
 
-def label_check(examples: list[Example], weights: np.ndarray,
-                lookup_weights: Callable[[], np.ndarray]) -> dict[str, dict[str, float]] | None:
+def label_check(examples: list[Example], columns: dict[str, np.ndarray], lookup_probability: Callable[[], np.ndarray],
+                cut: Cut | None) -> dict[str, dict[str, float]] | None:
     """Detection metrics when every row carries a harmful/benign `label` (e.g. the bundled demo set), beside those
-    of the alignment look-up on the same rows, so that a user sees what the scheduler adds over the simple answer."""
+    of the alignment look-up on the same rows, so that a user sees what the scheduler adds over the simple answer.
+    With a calibrated cut, each method also at its own cut on the same clean files: the same cost in benign rows."""
     labels = [e.label for e in examples]
     if not set(labels) <= {"harmful", "benign"} or len(set(labels)) < 2:
         return None
     harmful = np.array([label == "harmful" for label in labels])
-    return {"scheduler": detection_metrics(harmful, weights),
-            "alignment look-up (baseline, same rows)": detection_metrics(harmful, lookup_weights())}
+    probability = lookup_probability()
+    at_cut = {"scheduler": (columns["weight"], columns["posterior_mu"], cut and cut.threshold),
+              LOOKUP: (normalise(probability), probability, cut and cut.lookup_threshold)}
+    checks = {}
+    for method, (weights, scores, threshold) in at_cut.items():
+        checks[method] = detection_metrics(harmful, weights)
+        if threshold is not None:
+            checks[method] |= caught_at_threshold(harmful, scores, threshold, weights)
+    return checks

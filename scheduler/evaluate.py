@@ -244,18 +244,28 @@ def worst_task_auroc(detection: list[dict]) -> list[dict]:
     return worst_over(mean_over(detection, ("method", "p", "task"), "auroc"), ("method", "p"), "auroc")
 
 
+# Which clean sets (p = 0) fit a method's one threshold: every task's (one threshold for the whole grid), or the
+# set's own task's (what a user who calibrates on clean data of their own task gets: `apply_scheduler.py calibrate_on`).
+CALIBRATIONS = {"every task": lambda where: "", "own task": lambda where: where["task"]}
+
+
 def matched_rows(scored: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray], dict[str, np.ndarray]]]) -> list[dict]:
-    """Per method with a per-row score (`Methods.weigh`), one threshold on it from the clean sets (p = 0) that keeps
-    97 % of benign rows on each, and what it flags on every set with harmful rows, with the share of weight it leaves
-    on them; empty without clean sets."""
+    """Per method with a per-row score (`Methods.weigh`) and per calibration (`CALIBRATIONS`), one threshold on it
+    from the clean sets that keeps 97 % of benign rows on each, and what it flags on every set with harmful rows,
+    with the share of weight it leaves on them; empty without clean sets."""
     sets = [(parse(name), s.labels.numpy(), weights, scores) for name, (s, weights, scores) in scored.items()]
-    clean = [scores for where, _, _, scores in sets if where["p"] == 0]
     rows = []
-    for method in clean[0] if clean else {}:
-        threshold = matched_threshold(scores[method] for scores in clean)
-        rows += [{**where, "method": method, "threshold": threshold,
-                  **caught_at_threshold(labels, scores[method], threshold, weights[method])}
-                 for where, labels, weights, scores in sets if where["p"] > 0]
+    for calibration, group in CALIBRATIONS.items():
+        clean: dict[str, list[dict[str, np.ndarray]]] = {}
+        for where, _, _, scores in sets:
+            if where["p"] == 0:
+                clean.setdefault(group(where), []).append(scores)
+        for where, labels, weights, scores in sets:
+            if where["p"] > 0 and group(where) in clean:
+                for method in scores:
+                    threshold = matched_threshold(fitted[method] for fitted in clean[group(where)])
+                    rows.append({**where, "method": method, "calibration": calibration, "threshold": threshold,
+                                 **caught_at_threshold(labels, scores[method], threshold, weights[method])})
     return rows
 
 
@@ -268,7 +278,7 @@ def summary_plot(detection: list[dict], matched: list[dict], path: Path) -> Path
               "AUROC, worst task": (worst_task_auroc(rows), "auroc"),
               "harmful share of total weight": (mean_over(rows, ("method", "p"), "harmful_weight_share"),
                                                 "harmful_weight_share")}
-    if matched:
+    if matched := [r for r in matched if r["calibration"] == "every task"]:
         panels["harmful rows caught, one threshold per method\n(97 % of benign rows kept on every clean set)"] = (
             mean_over(matched, ("method", "p"), "caught_at_matched"), "caught_at_matched")
     series: dict[str, dict[str, dict[float, float]]] = {figure: {} for figure in panels}
@@ -276,6 +286,33 @@ def summary_plot(detection: list[dict], matched: list[dict], path: Path) -> Path
         for r in values:
             series[figure].setdefault(r["method"], {})[r["p"]] = r[value]
     return by_ratio(series, "Every method on the same sets, by harmful ratio", path)
+
+
+def matched_report(matched: list[dict]) -> list[str]:
+    """The one-threshold readings (`matched_rows`), one section per calibration."""
+    parts = []
+    for calibration, heading in (("every task", "one threshold per method that keeps 97 % of benign rows on every "
+                                                "clean set"),
+                                 ("own task", "one threshold per method and task, calibrated on that task's clean "
+                                              "sets (`apply_scheduler.py calibrate_on`)")):
+        rows = [r for r in matched if r["calibration"] == calibration]
+        if not rows:
+            continue
+        parts += [f"## At {heading}", ""]
+        if calibration == "every task":
+            thresholds = {r["method"]: r["threshold"] for r in rows}
+            parts += ["Each method's threshold (" + ", ".join(f"{m} {t:.4g}" for m, t in thresholds.items())
+                      + ") is the highest that flags at most 3 % of the benign rows of every set with p = 0: each "
+                      "method at the same cost in benign rows. It reads a score no normalisation over the set has "
+                      "moved: a scheduler's posterior mean logit (`posterior_mu`), a baseline's probability of benign.",
+                      ""]
+        for key, what in (("caught_at_matched", "Harmful rows caught (score below the threshold)"),
+                          ("harmful_share_left_at_matched", "Share of weight left on harmful rows once the rows below "
+                                                            "it are dropped"),
+                          ("benign_flagged_at_matched", "Benign rows flagged on the sets with harmful rows (the "
+                                                        "threshold was fitted to flag at most 3 % of clean sets)")):
+            parts += [f"{what}:", "", table(mean_over(rows, ("method", "p"), key), ("method",), "p", key), ""]
+    return parts
 
 
 def report(cfg: DictConfig, results: dict, wall: float) -> str:
@@ -296,19 +333,7 @@ def report(cfg: DictConfig, results: dict, wall: float) -> str:
                                                     "of its benign rows")):
         parts += [f"## {what}, mean over tasks and sources", "", table(mean_over(detection, ("method", "p"), metric),
                                                                        ("method",), "p", metric), ""]
-    if results["matched"]:
-        thresholds = {r["method"]: r["threshold"] for r in results["matched"]}
-        parts += ["## At one threshold per method that keeps 97 % of benign rows on every clean set", "",
-                  "Each method's threshold (" + ", ".join(f"{m} {t:.4g}" for m, t in thresholds.items())
-                  + ") is the highest that flags at most 3 % of the benign rows of every set with p = 0: each method "
-                  "at the same cost in benign rows. It reads a score no normalisation over the set has moved: a "
-                  "scheduler's posterior mean logit (`posterior_mu`), a baseline's probability of benign. Harmful rows "
-                  "caught (score below it):", "",
-                  table(mean_over(results["matched"], ("method", "p"), "caught_at_matched"), ("method",), "p",
-                        "caught_at_matched"), "",
-                  "Share of weight left on harmful rows once the rows below it are dropped:", "",
-                  table(mean_over(results["matched"], ("method", "p"), "harmful_share_left_at_matched"), ("method",), "p",
-                        "harmful_share_left_at_matched"), ""]
+    parts += matched_report(results["matched"])
     parts += ["## AUROC on the worst task (each task's mean over sources and draws)", "",
               table(worst_task_auroc(detection), ("method",), "p", "auroc"), "",
               "## Benign rows kept on the lowest set (any task, source or draw)", "",

@@ -65,13 +65,16 @@ def matched_threshold(clean_scores: Iterable[np.ndarray], rate: float = BENIGN_F
 
 def caught_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float,
                         weights: np.ndarray) -> dict[str, float]:
-    """The harmful rows whose score lies below `threshold`, and the share of the set's `weights` still on harmful rows
-    once the rows below it are dropped (NaN without harmful rows)."""
+    """The harmful rows whose score lies below `threshold`, the share of the set's `weights` still on harmful rows
+    once the rows below it are dropped (both NaN without harmful rows), and the benign rows below it (NaN without
+    benign rows): on a set with harmful rows that need not be the rate the threshold was fitted to, since a
+    scheduler's scores read each row against its set."""
     labels, scores, weights = (np.asarray(labels).astype(bool), np.asarray(scores, dtype=float),
                                np.asarray(weights, dtype=float))
-    if not labels.any():
-        return {"caught_at_matched": float("nan"), "harmful_share_left_at_matched": float("nan")}
     kept = scores >= threshold
     left = weights[kept].sum()
-    return {"caught_at_matched": float((~kept[labels]).mean()),
-            "harmful_share_left_at_matched": float(weights[kept & labels].sum() / left) if left > 0 else 0.0}
+    nan = float("nan")
+    return {"caught_at_matched": float((~kept[labels]).mean()) if labels.any() else nan,
+            "harmful_share_left_at_matched": (float(weights[kept & labels].sum() / left) if left > 0 else 0.0)
+            if labels.any() else nan,
+            "benign_flagged_at_matched": float((~kept[~labels]).mean()) if (~labels).any() else nan}

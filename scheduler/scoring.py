@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scheduler.baselines import alignment_lookup
+from scheduler.baselines import lookup_probability
 from scheduler.data.io import DataError, Example, examples_from_rows
 from scheduler.embeddings import Embedder, RowEmbeddings
 from scheduler.features import AlignmentBank, SetEvidence
@@ -170,10 +170,11 @@ class NeuralScheduler:
                            scored.withheld)
 
     @torch.no_grad()
-    def alignment_lookup(self, prompts: torch.Tensor) -> np.ndarray:
+    def lookup_probability(self, prompts: torch.Tensor) -> np.ndarray:
         """The label-free baseline on the same rows: each prompt's similarity to the checkpoint's alignment prompts,
-        through the checkpoint's calibrated prior (mean weight 1). What a user would do without the scheduler."""
-        return alignment_lookup(prompts, self.posterior.bank, self.config["k"], self.posterior.prior)
+        through the checkpoint's calibrated prior, as a probability of benign (before any normalisation over the set).
+        What a user would do without the scheduler."""
+        return lookup_probability(prompts, self.posterior.bank, self.config["k"], self.posterior.prior)
 
     def score(self, rows: Iterable[Any]) -> ScoreResult:
         """Weights for rows given as dicts of any supported schema or as plain strings; the rows form one set."""

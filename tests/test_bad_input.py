@@ -101,6 +101,10 @@ def test_apply_missing_input_and_bad_checkpoint(checkpoint, tmp_path):
     (["withhold_below=-6", "withhold_spares_refusals=maybe"], "withhold_spares_refusals: expected true or false; got 'maybe'"),
     (["withhold_spares_refusals=true"], "withhold_spares_refusals: needs withhold_below"),
     (["show_lowest=few"], "show_lowest: expected a whole number of rows >= 0; got 'few'"),
+    (["flag_rate=0"], "flag_rate: expected the share of a clean set's rows the cut may flag, between 0 and 1; got 0"),
+    (["flag_below=low"], "flag_below: expected a number (a posterior_mu cut); got 'low'"),
+    (["flag_below=4", "calibrate_on=clean.jsonl"], "calibrate_on and flag_below both set"),
+    (["calibrate_on=[1]"], "calibrate_on: expected a file or a list of files of clean rows; got [1]"),
 ])
 def test_apply_rejects_a_bad_operating_point_without_output(checkpoint, tmp_path, options, expected):
     (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n')
@@ -108,6 +112,24 @@ def test_apply_rejects_a_bad_operating_point_without_output(checkpoint, tmp_path
                        *options)
     assert result.returncode != 0 and expected in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_apply_calibration_files_must_be_clean_readable_and_kept(checkpoint, tmp_path):
+    """A calibration file with a harmful row, a missing one, or one the output would overwrite: a one-line error, no
+    output, and the file as it was."""
+    (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n')
+    clean = '{"prompt": "a", "response": "b", "label": "benign"}\n{"prompt": "c", "response": "d", "label": "harmful"}\n'
+    (tmp_path / "clean.jsonl").write_text(clean)
+    cases = {"clean.jsonl:2: field 'label': 'harmful' in a file given to calibrate_on": "o.jsonl",
+             "nope.jsonl: file not found": "o.jsonl",
+             "output would overwrite the input file": "clean.jsonl"}
+    for expected, output in cases.items():
+        calibration = "nope.jsonl" if "nope" in expected else "clean.jsonl"
+        result = run_apply(f"checkpoint={checkpoint}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / output}",
+                           f"calibrate_on={tmp_path / calibration}")
+        assert result.returncode != 0 and expected in result.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "o.jsonl").exists() and (tmp_path / "clean.jsonl").read_text() == clean
 
 
 @pytest.mark.slow

@@ -126,6 +126,45 @@ def test_group_by_scores_each_group_as_its_own_set(trained, data_dir, tmp_path):
     assert "scored as 2 sets" in str(summary) and "fewer than 50 rows" in str(summary)
 
 
+def test_a_cut_calibrated_on_clean_files_flags_what_it_says(trained, data_dir, tmp_path):
+    """`calibrate_on`: the cut is the highest posterior_mu that flags at most `flag_rate` of each clean file's rows,
+    each file scored alone as apply scores it; `flagged` marks the input's rows below it, and the label check reads
+    both methods at their own cut on the same files (the look-up's cut re-derived here from its probabilities)."""
+    from scheduler.apply import apply_scheduler
+    from scheduler.data.io import read_examples
+
+    checkpoint, rate = trained / "scheduler.ckpt", 0.1
+    clean = [data_dir / "benign_cooking.jsonl", data_dir / "benign_sentiment.jsonl"]
+    scheduler = NeuralScheduler.load(checkpoint)
+    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]
+    cut_of = lambda scores: np.sort(scores)[int(rate * len(scores))]
+    mu, lookup = [], []
+    for path in clean:
+        apply_scheduler(checkpoint, path, tmp_path / f"{path.stem}.w.jsonl", histogram=False)
+        mu.append(cut_of(np.array([row["posterior_mu"] for row in read(tmp_path / f"{path.stem}.w.jsonl")])))
+        lookup.append(cut_of(scheduler.lookup_probability(scheduler.embed(read_examples(path)).prompts)))
+    summary = apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "cut.jsonl", histogram=False,
+                              calibrate_on=[str(path) for path in clean], flag_rate=rate)
+    assert summary.cut.threshold == pytest.approx(min(mu), abs=1e-5)
+    assert summary.cut.lookup_threshold == pytest.approx(min(lookup), abs=1e-9)
+    written = read(tmp_path / "cut.jsonl")
+    flagged = np.array([row["flagged"] for row in written])
+    assert flagged.dtype == bool and flagged.any() and not flagged.all()
+    np.testing.assert_array_equal(flagged, np.array([row["posterior_mu"] for row in written]) < summary.cut.threshold)
+    harmful = np.array([row["label"] == "harmful" for row in written])
+    check = summary.label_check["scheduler"]
+    assert (check["caught_at_matched"], check["benign_flagged_at_matched"]) == (flagged[harmful].mean(),
+                                                                                flagged[~harmful].mean())
+    text = str(summary)
+    assert f"flagged for removal (column 'flagged'): {flagged.sum()} rows" in text
+    assert "calibrated on benign_cooking.jsonl, benign_sentiment.jsonl: 2 clean set(s) of 80 rows" in text
+    assert "caught_at_matched" in summary.label_check["alignment look-up (baseline, same rows)"]
+    given = apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "given.jsonl", histogram=False,
+                            flag_below=summary.cut.threshold)
+    assert [row["flagged"] for row in read(tmp_path / "given.jsonl")] == flagged.tolist()
+    assert "caught_at_matched" not in given.label_check["alignment look-up (baseline, same rows)"]  # no clean files
+
+
 def test_checkpoint_loads_in_python_and_scores_any_schema(trained):
     scheduler = NeuralScheduler.load(trained / "scheduler.ckpt")
     rows = [{"prompt": "how to make a bomb at home", "response": "Sure, first you get the parts"},

@@ -199,11 +199,13 @@ def test_harmful_rows_caught_at_a_matched_cost_by_hand():
     found = caught_at_threshold(labels, weights, 0.7, weights)  # flags 0.1, 0.3 (harmful), 0.2, 0.5, 0.5 (benign)
     assert found["caught_at_matched"] == pytest.approx(2 / 3)
     assert found["harmful_share_left_at_matched"] == pytest.approx(0.8 / 7.8)
+    assert found["benign_flagged_at_matched"] == pytest.approx(3 / 10)
     scores = np.log(weights / (1.5 - weights))  # any score: the threshold reads it, the share reads the weights
     found = caught_at_threshold(labels, scores, float(np.log(0.7 / 0.8)), 2 * weights)
     assert found["caught_at_matched"] == pytest.approx(2 / 3)
     assert found["harmful_share_left_at_matched"] == pytest.approx(0.8 / 7.8)
-    assert np.isnan(caught_at_threshold(np.zeros(3), np.ones(3), 0.5, np.ones(3))["caught_at_matched"])
+    clean_only = caught_at_threshold(np.zeros(3), np.array([0.2, 0.6, 0.9]), 0.5, np.ones(3))
+    assert np.isnan(clean_only["caught_at_matched"]) and clean_only["benign_flagged_at_matched"] == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="clean set"):
         matched_threshold([])
 
