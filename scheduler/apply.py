@@ -14,7 +14,8 @@ from scheduler.baselines import normalise
 from scheduler.data.io import DataError, Example, iter_rows, to_example, write_rows
 from scheduler.embeddings import RowEmbeddings
 from scheduler.lexical import RowTexts
-from scheduler.metrics import BENIGN_FLAG_RATE, caught_at_threshold, detection_metrics, matched_threshold
+from scheduler.metrics import (BENIGN_FLAG_RATE, calibrated_threshold, calibration_rows_needed, caught_at_threshold,
+                               detection_metrics)
 from scheduler.scoring import NeuralScheduler
 
 
@@ -70,8 +71,9 @@ class FlaggedRow:
 
 @dataclass
 class Cut:
-    """Rows whose `posterior_mu` lies below `threshold` are flagged for removal. The cut reads the posterior mean, not
-    the weight: weights have mean 1 within each set, so one cut on them would not mean the same in two files."""
+    """Rows whose `unshifted_mu` lies below `threshold` are flagged for removal. The cut reads the posterior mean
+    without the scoring shift, not the weight: weights have mean 1 within each set, and the shift is tapered away on
+    a set that holds harmful rows, so a cut on either would not mean the same in two files."""
 
     threshold: float
     origin: str  # how it was set, for the summary
@@ -128,7 +130,7 @@ class ApplySummary:
                      f"(validated on sets of 50 to 1,000 rows)\n")
         if self.cut:
             text += (f"flagged for removal (column 'flagged'): {self.flagged} rows ({self.flagged / self.rows:.1%}) "
-                     f"with posterior_mu below {self.cut.threshold:.4g} ({self.cut.origin})\n")
+                     f"with unshifted_mu below {self.cut.threshold:.4g} ({self.cut.origin})\n")
         text += f"weight quantiles: {q}" + (f"\nhistogram: {self.histogram}" if self.histogram else "")
         if self.lowest:
             text += f"\nlowest weights (the {len(self.lowest)} rows the scheduler trusts least):"
@@ -244,9 +246,9 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     `group_by` names a field (a task or source column) whose values split the file into sets scored apart: the
     posterior reads each row against its own set, so a task that is a small part of a mixed file is read against
     rows like it.
-    A cut adds a `flagged` column (`posterior_mu` below it): `flag_below` gives it, or `calibrate_on` names files of
-    the user's own clean data, scored like the input, and the cut is the highest that flags at most `flag_rate` of
-    the rows of each of their sets: a known cost in benign rows."""
+    A cut adds a `flagged` column (`unshifted_mu` below it): `flag_below` gives it, or `calibrate_on` names files of
+    the user's own clean data, scored like the input, and the cut flags at most `flag_rate` of new rows like theirs in
+    expectation (`calibrated_threshold`): a known cost in benign rows."""
     input_path, output_path = Path(input_path), Path(output_path)
     if isinstance(show_lowest, bool) or not isinstance(show_lowest, int) or show_lowest < 0:
         raise DataError(f"show_lowest: expected a whole number of rows >= 0; got {show_lowest!r}")
@@ -256,6 +258,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
             raise DataError(f"{output_path}: output would overwrite the input file {path}; choose another output path")
     examples, groups = read_all(input_path, group_by)  # fail on bad rows before spending time on the model
     calibration = {path: read_all(path, group_by, clean=True) for path in calibration_paths}
+    check_calibration_sizes(calibration, flag_rate)
     scheduler = NeuralScheduler.load(checkpoint, scoring_shift=scoring_shift, scoring_shift_taper=scoring_shift_taper,
                                      withhold_below=withhold_below, withhold_block=withhold_block,
                                      withhold_spares_refusals=withhold_spares_refusals)
@@ -264,7 +267,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     cut = (Cut(float(flag_below), f"given: flag_below={flag_below}") if flag_below is not None
            else calibrate_cut(scheduler, calibration, flag_rate, chunk) if calibration else None)
     if cut:
-        columns["flagged"] = columns["posterior_mu"] < cut.threshold
+        columns["flagged"] = columns["unshifted_mu"] < cut.threshold
     write_rows(output_rows(examples, columns), output_path)
     weights = columns["weight"]
     hist = plot_histogram(weights, output_path.with_suffix(".hist.png")) if histogram else None
@@ -285,7 +288,7 @@ def checked_cut_options(calibrate_on: str | Path | Sequence[str | Path] | None, 
         raise DataError(f"flag_rate: expected the share of a clean set's rows the cut may flag, between 0 and 1; "
                         f"got {flag_rate!r}")
     if flag_below is not None and (isinstance(flag_below, bool) or not isinstance(flag_below, (int, float))):
-        raise DataError(f"flag_below: expected a number (a posterior_mu cut); got {flag_below!r}")
+        raise DataError(f"flag_below: expected a number (a cut on unshifted_mu); got {flag_below!r}")
     if flag_below is not None and paths:
         raise DataError("calibrate_on and flag_below both set: give the cut (flag_below) or the clean files that set "
                         "it (calibrate_on), not both")
@@ -296,20 +299,31 @@ def checked_cut_options(calibrate_on: str | Path | Sequence[str | Path] | None, 
 
 def calibrate_cut(scheduler: NeuralScheduler, calibration: dict[Path, tuple[list[Example], list[str] | None]],
                   rate: float, chunk: int) -> Cut:
-    """The highest `posterior_mu` cut that flags at most `rate` of the rows of every clean set (each file, or each of
-    its groups), scored as the input is; and the alignment look-up's cut on the same sets, for the label check."""
+    """An `unshifted_mu` cut that flags at most `rate` of new rows like those of each clean set (each file, or each of
+    its groups), scored as the input is (`calibrated_threshold`); and the alignment look-up's cut on the same sets,
+    for the label check."""
     mu, lookup = [], []
     for examples, groups in calibration.values():
         embeddings = embed_in_chunks(scheduler, examples, chunk)
         columns, _ = score_sets(scheduler, embeddings, examples, groups)
         probability = scheduler.lookup_probability(embeddings.prompts)
         for rows in set_members(groups, len(examples)).values():
-            mu.append(columns["posterior_mu"][rows])
+            mu.append(columns["unshifted_mu"][rows])
             lookup.append(probability[rows])
-    rows = sum(len(scores) for scores in mu)
-    origin = (f"calibrated on {', '.join(path.name for path in calibration)}: {len(mu)} clean set(s) of {rows} rows "
-              f"in all, at most {rate:.1%} of each set's rows flagged")
-    return Cut(matched_threshold(mu, rate), origin, matched_threshold(lookup, rate))
+    origin = (f"calibrated on {', '.join(path.name for path in calibration)}: {len(mu)} clean set(s) of "
+              f"{sum(map(len, mu))} rows in all, flagging at most {rate:.1%} of new rows like theirs in expectation")
+    return Cut(calibrated_threshold(mu, rate), origin, calibrated_threshold(lookup, rate))
+
+
+def check_calibration_sizes(calibration: dict[Path, tuple[list[Example], list[str] | None]], rate: float) -> None:
+    """Before any model loads: every clean set (file, or group of it) holds enough rows to fit a cut at `rate`."""
+    needed = calibration_rows_needed(rate)
+    for path, (examples, groups) in calibration.items():
+        for name, rows in set_members(groups, len(examples)).items():
+            if len(rows) < needed:
+                where = f"{path}" + (f", group '{name}'" if groups else "")
+                raise DataError(f"{where}: {len(rows)} clean rows cannot fit a cut that flags at most {rate:.1%} of "
+                                f"new rows; calibrate_on needs at least {needed} rows per set (or a higher flag_rate)")
 
 
 def lowest_rows(examples: list[Example], weights: np.ndarray, count: int) -> list[FlaggedRow]:
@@ -328,7 +342,7 @@ def label_check(examples: list[Example], columns: dict[str, np.ndarray], lookup_
         return None
     harmful = np.array([label == "harmful" for label in labels])
     probability = lookup_probability()
-    at_cut = {"scheduler": (columns["weight"], columns["posterior_mu"], cut and cut.threshold),
+    at_cut = {"scheduler": (columns["weight"], columns["unshifted_mu"], cut and cut.threshold),
               LOOKUP: (normalise(probability), probability, cut and cut.lookup_threshold)}
     checks = {}
     for method, (weights, scores, threshold) in at_cut.items():

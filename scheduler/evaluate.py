@@ -35,7 +35,7 @@ from scheduler.downstream import accuracy, finetune, generate
 from scheduler.evidence import LMEvidence
 from scheduler.judges import EmbeddingHarmJudge, RefusalJudge, agreement
 from scheduler.lexical import RowTexts
-from scheduler.metrics import caught_at_threshold, detection_metrics, matched_threshold
+from scheduler.metrics import calibrated_threshold, caught_at_threshold, detection_metrics, matched_threshold
 from scheduler.plots import by_ratio, roc_curves, weight_distributions, weight_history
 from scheduler.scalar import ScalarBDS
 from scheduler.scoring import OPERATING_POINT_OPTIONS, NeuralScheduler
@@ -142,13 +142,14 @@ class Methods:
     def weigh(self, s: EmbeddedSet) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Each method's weights (mean 1 over the set) and, for the schedulers and baselines, a per-row score that no
         normalisation over the set has moved (higher = safer): what one threshold for every set reads (`matched_rows`).
-        For a scheduler that is the posterior mean logit (`posterior_mu`), for a baseline its probability of benign."""
+        For a scheduler that is the posterior mean logit without the scoring shift (`unshifted_mu`), which is tapered
+        away on sets that hold harmful rows; for a baseline its probability of benign."""
         weights, scores = {"uniform": np.ones(len(s.examples))}, {}
         if self.scalar is not None:
             weights["scalar_bds"], self.histories[s.name] = self.scalar.run(s)
         for name, scheduler in self.schedulers.items():
             result = scheduler.score_embeddings(s.prompts, s.responses, s.joint, RowTexts.of(s.examples))
-            weights[name], scores[name] = result.weight, result.mu
+            weights[name], scores[name] = result.weight, result.unshifted_mu
         scores["supervised_filter"] = self.supervised.benign_probability(s.prompts, s.responses)
         weights["supervised_filter"] = normalise(scores["supervised_filter"])
         # A reference, not a method: what perfect knowledge of the labels would do (harmful rows get 0).
@@ -244,26 +245,33 @@ def worst_task_auroc(detection: list[dict]) -> list[dict]:
     return worst_over(mean_over(detection, ("method", "p", "task"), "auroc"), ("method", "p"), "auroc")
 
 
-# Which clean sets (p = 0) fit a method's one threshold: every task's (one threshold for the whole grid), or the
-# set's own task's (what a user who calibrates on clean data of their own task gets: `apply_scheduler.py calibrate_on`).
-CALIBRATIONS = {"every task": lambda where: "", "own task": lambda where: where["task"]}
+# How a method's one threshold is fitted on the clean sets (p = 0): over every task's, in-sample (one threshold for
+# the whole grid: `matched_threshold`), or as a user who calibrates on one clean file of their own task would
+# (`apply_scheduler.py calibrate_on`): on the clean set of the same task, source cell and draw, for new rows
+# (`calibrated_threshold`). The clean and the contaminated set of a draw are drawn apart from one pool, so some
+# benign rows occur in both (scored against different sets).
+CALIBRATIONS = {"every task": (lambda where: "", matched_threshold),
+                "own task": (lambda where: (where["task"], where["harmful_source"], where["draw"]), calibrated_threshold)}
 
 
 def matched_rows(scored: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray], dict[str, np.ndarray]]]) -> list[dict]:
-    """Per method with a per-row score (`Methods.weigh`) and per calibration (`CALIBRATIONS`), one threshold on it
-    from the clean sets that keeps 97 % of benign rows on each, and what it flags on every set with harmful rows,
-    with the share of weight it leaves on them; empty without clean sets."""
+    """Per method with a per-row score (`Methods.weigh`) and per calibration (`CALIBRATIONS`), a threshold on it that
+    keeps 97 % of benign rows, and what it flags on every set with harmful rows, with the share of weight it leaves
+    on them; empty without clean sets."""
     sets = [(parse(name), s.labels.numpy(), weights, scores) for name, (s, weights, scores) in scored.items()]
     rows = []
-    for calibration, group in CALIBRATIONS.items():
-        clean: dict[str, list[dict[str, np.ndarray]]] = {}
+    for calibration, (group, fit) in CALIBRATIONS.items():
+        clean: dict[object, list[dict[str, np.ndarray]]] = {}
         for where, _, _, scores in sets:
             if where["p"] == 0:
                 clean.setdefault(group(where), []).append(scores)
         for where, labels, weights, scores in sets:
             if where["p"] > 0 and group(where) in clean:
                 for method in scores:
-                    threshold = matched_threshold(fitted[method] for fitted in clean[group(where)])
+                    try:
+                        threshold = fit(fitted[method] for fitted in clean[group(where)])
+                    except ValueError:  # clean sets too small to fit a cut for new rows: `calibrated_threshold`
+                        continue
                     rows.append({**where, "method": method, "calibration": calibration, "threshold": threshold,
                                  **caught_at_threshold(labels, scores[method], threshold, weights[method])})
     return rows
@@ -293,10 +301,12 @@ def matched_report(matched: list[dict]) -> list[str]:
     parts = []
     for calibration, heading in (("every task", "one threshold per method that keeps 97 % of benign rows on every "
                                                 "clean set"),
-                                 ("own task", "one threshold per method and task, calibrated on that task's clean "
-                                              "sets (`apply_scheduler.py calibrate_on`)")):
+                                 ("own task", "a threshold per method and set, calibrated on one clean set of its "
+                                              "task for new rows (`apply_scheduler.py calibrate_on`)")):
         rows = [r for r in matched if r["calibration"] == calibration]
         if not rows:
+            parts += [f"Not measured at {heading}: its clean sets are too small (at 3 %, 33 rows are needed).",
+                      ""] if matched else []
             continue
         parts += [f"## At {heading}", ""]
         if calibration == "every task":
@@ -304,7 +314,8 @@ def matched_report(matched: list[dict]) -> list[str]:
             parts += ["Each method's threshold (" + ", ".join(f"{m} {t:.4g}" for m, t in thresholds.items())
                       + ") is the highest that flags at most 3 % of the benign rows of every set with p = 0: each "
                       "method at the same cost in benign rows. It reads a score no normalisation over the set has "
-                      "moved: a scheduler's posterior mean logit (`posterior_mu`), a baseline's probability of benign.",
+                      "moved: a scheduler's posterior mean logit without the scoring shift (`unshifted_mu`), a "
+                      "baseline's probability of benign.",
                       ""]
         for key, what in (("caught_at_matched", "Harmful rows caught (score below the threshold)"),
                           ("harmful_share_left_at_matched", "Share of weight left on harmful rows once the rows below "

@@ -63,6 +63,30 @@ def matched_threshold(clean_scores: Iterable[np.ndarray], rate: float = BENIGN_F
     return min(thresholds)
 
 
+def calibration_rows_needed(rate: float) -> int:
+    """The fewest clean rows in a set that `calibrated_threshold` can fit a cut on at this rate."""
+    return math.ceil(1 / rate - 1 - 1e-9)
+
+
+def calibrated_threshold(clean_scores: Iterable[np.ndarray], rate: float = BENIGN_FLAG_RATE) -> float:
+    """A cut for new rows (flagged: score below it), fitted on sets of clean rows: on each set of n rows, its k-th
+    lowest score with k = floor(rate * (n + 1)), and the lowest of those. A new row exchangeable with a set's rows
+    lies below that set's cut with probability k / (n + 1) <= rate (split conformal), so the cut flags at most `rate`
+    of such rows in expectation; `matched_threshold`, fitted in-sample, would flag up to 1 / (n + 1) more. Needs
+    n >= 1 / rate - 1 rows in every set."""
+    thresholds = []
+    for scores in clean_scores:
+        ordered = np.sort(np.asarray(scores, dtype=float))
+        k = math.floor(rate * (len(ordered) + 1) + 1e-9)
+        if k < 1:
+            raise ValueError(f"a clean set of {len(ordered)} rows cannot fit a cut that flags at most {rate:.1%} of new "
+                             f"rows; it needs at least {calibration_rows_needed(rate)} rows")
+        thresholds.append(float(ordered[k - 1]))
+    if not thresholds:
+        raise ValueError("calibrated_threshold needs at least one clean set")
+    return min(thresholds)
+
+
 def caught_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float,
                         weights: np.ndarray) -> dict[str, float]:
     """The harmful rows whose score lies below `threshold`, the share of the set's `weights` still on harmful rows

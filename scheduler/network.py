@@ -141,6 +141,9 @@ class ScoredSet:
     expected_harmful_fraction: float
     scoring_shift: float
     withheld: int = 0
+    # Each row's posterior mean logit had the set got no scoring shift (the second look then reads the set unshifted
+    # too): what one cut across sets reads, since the shift is tapered away on a set that holds harmful rows.
+    unshifted_mu: torch.Tensor | None = None
 
 
 class SetPosterior(nn.Module):
@@ -224,14 +227,15 @@ class SetPosterior(nn.Module):
         first_shift = self.prior.set_shift(harmful_fraction)
         logit = posterior.moments().mu
         shift = self.prior.final_shift(logit, first_shift)
-        correction = self.refinement.correction(logit, first_shift, prompts, joint)
         has_texts = texts is not None and len(texts.prompts) == len(texts.responses) == len(prompts)
         if self.reads_texts_at_scoring and not has_texts:
             raise ValueError("scoring needs one prompt and one answer text per row (read by the lexical contrast or by "
                              "withhold_spares_refusals)")
-        if self.lexical.weight:
-            evidence = self.lexical.evidence(texts, self.alignment_prompts).to(correction)
-            correction = correction - self.lexical.weight * evidence
+        wording = (self.lexical.weight * self.lexical.evidence(texts, self.alignment_prompts).to(logit)
+                   if self.lexical.weight else torch.zeros_like(logit))
+        correction = self.refinement.correction(logit, first_shift, prompts, joint) - wording
+        unshifted = correction if first_shift == 0 else self.refinement.correction(logit, 0.0, prompts, joint) - wording
+        unshifted_mu = Posterior(posterior.mu + unshifted, posterior.sigma, posterior.prior_mean).moments().mu
         posterior = Posterior(posterior.mu + correction, posterior.sigma, posterior.prior_mean)
         spared = None
         if self.prior.withhold_spares_refusals:
@@ -239,4 +243,4 @@ class SetPosterior(nn.Module):
                                   device=correction.device)
         row_shift = self.prior.row_shift(posterior.moments().mu, shift, spared)
         return ScoredSet(Posterior(posterior.mu + row_shift, posterior.sigma, posterior.prior_mean + row_shift),
-                         harmful_fraction, shift, int((row_shift < shift).sum()))
+                         harmful_fraction, shift, int((row_shift < shift).sum()), unshifted_mu)

@@ -42,10 +42,14 @@ class ScoreResult:
     expected_harmful_fraction: float = float("nan")  # of the whole set, before the scoring shift
     scoring_shift: float = 0.0  # added to the rows' logits (the prior log-odds of a benign row, tapered)
     withheld: int = 0  # rows that got less of the shift: the evidence alone calls them harmful (`SafetyPrior.row_shift`)
+    # The posterior mean logit without the scoring shift (`ScoredSet.unshifted_mu`): the score a cut reads. The shift
+    # is tapered away on sets that hold harmful rows, so a cut on `mu` fitted on clean rows would flag most benign
+    # rows of such a set.
+    unshifted_mu: np.ndarray | None = None
 
     def columns(self) -> dict[str, np.ndarray]:
         return {"weight": self.weight, "weight_std": self.weight_std, "posterior_mu": self.mu,
-                "posterior_sigma": self.sigma, "prior_mean": self.prior_mean}
+                "posterior_sigma": self.sigma, "prior_mean": self.prior_mean, "unshifted_mu": self.unshifted_mu}
 
 
 def build_posterior(config: dict[str, Any], bank: AlignmentBank) -> SetPosterior:
@@ -167,7 +171,7 @@ class NeuralScheduler:
         moments = posterior.moments()
         return ScoreResult(weight.numpy(), std.numpy(), moments.mu.numpy(), moments.sigma.numpy(),
                            posterior.prior_mean.numpy(), scored.expected_harmful_fraction, scored.scoring_shift,
-                           scored.withheld)
+                           scored.withheld, scored.unshifted_mu.numpy())
 
     @torch.no_grad()
     def lookup_probability(self, prompts: torch.Tensor) -> np.ndarray:

@@ -185,10 +185,12 @@ def train_network(design: DictConfig, embedder: Embedder, bank: AlignmentBank, a
 
 
 def score_design(posterior, transform: str, s: EmbeddedSet) -> tuple[np.ndarray, np.ndarray]:
-    """The set's weights and each row's posterior mean logit (the score `add_matched` reads)."""
+    """The set's weights and each row's posterior mean logit without the scoring shift (the score `add_matched`
+    reads: `ScoredSet.unshifted_mu`)."""
     with torch.no_grad():
-        post = posterior.score(s.prompts, s.responses, s.joint, RowTexts.of(s.examples))
-        return posterior_weights(post.mu, post.sigma, transform)[0].numpy(), post.moments().mu.numpy()
+        scored = posterior.score_set(s.prompts, s.responses, s.joint, RowTexts.of(s.examples))
+        post = scored.posterior
+        return posterior_weights(post.mu, post.sigma, transform)[0].numpy(), scored.unshifted_mu.numpy()
 
 
 def normalised_and_raw(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

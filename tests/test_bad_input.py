@@ -102,7 +102,7 @@ def test_apply_missing_input_and_bad_checkpoint(checkpoint, tmp_path):
     (["withhold_spares_refusals=true"], "withhold_spares_refusals: needs withhold_below"),
     (["show_lowest=few"], "show_lowest: expected a whole number of rows >= 0; got 'few'"),
     (["flag_rate=0"], "flag_rate: expected the share of a clean set's rows the cut may flag, between 0 and 1; got 0"),
-    (["flag_below=low"], "flag_below: expected a number (a posterior_mu cut); got 'low'"),
+    (["flag_below=low"], "flag_below: expected a number (a cut on unshifted_mu); got 'low'"),
     (["flag_below=4", "calibrate_on=clean.jsonl"], "calibrate_on and flag_below both set"),
     (["calibrate_on=[1]"], "calibrate_on: expected a file or a list of files of clean rows; got [1]"),
 ])

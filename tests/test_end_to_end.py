@@ -49,7 +49,7 @@ def test_apply_script_adds_weights_and_keeps_rows(trained, data_dir, tmp_path):
     table = pd.read_csv(output)
     original = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
     assert list(table["prompt"]) == [row["prompt"] for row in original]
-    assert {"weight", "weight_std", "posterior_mu", "posterior_sigma"} <= set(table.columns)
+    assert {"weight", "weight_std", "posterior_mu", "posterior_sigma", "unshifted_mu"} <= set(table.columns)
     assert table["weight"].mean() == pytest.approx(1.0, abs=1e-4)
     assert "rows" in result.stdout and "quantiles" in result.stdout
     assert "alignment look-up (baseline, same rows)" in result.stdout  # the demo rows carry labels
@@ -127,21 +127,22 @@ def test_group_by_scores_each_group_as_its_own_set(trained, data_dir, tmp_path):
 
 
 def test_a_cut_calibrated_on_clean_files_flags_what_it_says(trained, data_dir, tmp_path):
-    """`calibrate_on`: the cut is the highest posterior_mu that flags at most `flag_rate` of each clean file's rows,
-    each file scored alone as apply scores it; `flagged` marks the input's rows below it, and the label check reads
-    both methods at their own cut on the same files (the look-up's cut re-derived here from its probabilities)."""
+    """`calibrate_on`: each clean file, scored alone as apply scores it, gives its k-th lowest unshifted_mu with
+    k = floor(flag_rate * (n + 1)), and the cut is the lowest of them; `flagged` marks the input's rows below it, and
+    the label check reads both methods at their own cut on the same files (the look-up's re-derived here from its
+    probabilities)."""
     from scheduler.apply import apply_scheduler
-    from scheduler.data.io import read_examples
+    from scheduler.data.io import DataError, read_examples
 
     checkpoint, rate = trained / "scheduler.ckpt", 0.1
     clean = [data_dir / "benign_cooking.jsonl", data_dir / "benign_sentiment.jsonl"]
     scheduler = NeuralScheduler.load(checkpoint)
     read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]
-    cut_of = lambda scores: np.sort(scores)[int(rate * len(scores))]
+    cut_of = lambda scores: np.sort(scores)[int(rate * (len(scores) + 1)) - 1]  # 40 rows: the 4th lowest
     mu, lookup = [], []
     for path in clean:
         apply_scheduler(checkpoint, path, tmp_path / f"{path.stem}.w.jsonl", histogram=False)
-        mu.append(cut_of(np.array([row["posterior_mu"] for row in read(tmp_path / f"{path.stem}.w.jsonl")])))
+        mu.append(cut_of(np.array([row["unshifted_mu"] for row in read(tmp_path / f"{path.stem}.w.jsonl")])))
         lookup.append(cut_of(scheduler.lookup_probability(scheduler.embed(read_examples(path)).prompts)))
     summary = apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "cut.jsonl", histogram=False,
                               calibrate_on=[str(path) for path in clean], flag_rate=rate)
@@ -150,7 +151,12 @@ def test_a_cut_calibrated_on_clean_files_flags_what_it_says(trained, data_dir, t
     written = read(tmp_path / "cut.jsonl")
     flagged = np.array([row["flagged"] for row in written])
     assert flagged.dtype == bool and flagged.any() and not flagged.all()
-    np.testing.assert_array_equal(flagged, np.array([row["posterior_mu"] for row in written]) < summary.cut.threshold)
+    unshifted = np.array([row["unshifted_mu"] for row in written])
+    np.testing.assert_array_equal(flagged, unshifted < summary.cut.threshold)
+    # the score the cut reads is what the set would get without the scoring shift, however much of it the set got
+    np.testing.assert_allclose(unshifted, NeuralScheduler.load(checkpoint, scoring_shift=0).score(
+        read(data_dir / "demo.jsonl")).mu, rtol=0, atol=1e-5)
+    assert not np.allclose(unshifted, [row["posterior_mu"] for row in written], atol=1e-2)
     harmful = np.array([row["label"] == "harmful" for row in written])
     check = summary.label_check["scheduler"]
     assert (check["caught_at_matched"], check["benign_flagged_at_matched"]) == (flagged[harmful].mean(),
@@ -158,6 +164,11 @@ def test_a_cut_calibrated_on_clean_files_flags_what_it_says(trained, data_dir, t
     text = str(summary)
     assert f"flagged for removal (column 'flagged'): {flagged.sum()} rows" in text
     assert "calibrated on benign_cooking.jsonl, benign_sentiment.jsonl: 2 clean set(s) of 80 rows" in text
+    with pytest.raises(DataError, match=r"benign_cooking.jsonl: 40 clean rows cannot fit a cut that flags at most "
+                                        r"2.0% of new rows; calibrate_on needs at least 49 rows per set"):
+        apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "x.jsonl", calibrate_on=str(clean[0]),
+                        flag_rate=0.02)
+    assert not (tmp_path / "x.jsonl").exists()
     assert "caught_at_matched" in summary.label_check["alignment look-up (baseline, same rows)"]
     given = apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "given.jsonl", histogram=False,
                             flag_below=summary.cut.threshold)

@@ -15,7 +15,7 @@ from test_module import fit
 from scheduler.data.datamodule import EmbeddedSet, SetBatch
 from scheduler.data.io import Example
 from scheduler.downstream import accuracy, is_correct
-from scheduler.evaluate import build_grid, matched_rows, mean_over, parse, table, worst_over
+from scheduler.evaluate import build_grid, matched_report, matched_rows, mean_over, parse, table, worst_over
 from scheduler.features import AlignmentBank
 from scheduler.judges import RefusalJudge, agreement
 from scheduler.refusals import is_refusal
@@ -112,24 +112,27 @@ def test_evaluation_grid_draws_each_cell_afresh(data_dir):
 
 
 def test_one_threshold_over_every_task_or_each_task_by_hand():
-    """Clean sets of two tasks fit the thresholds (sets of 4 rows: at 3 % none may be flagged, so a cut is a clean
-    set's lowest score): over every task, task a's lowest serves both; over its own task, each task has its own."""
+    """Clean sets of 40 rows fit the thresholds. Over every task, in-sample: at 3 % one row of each set may be flagged,
+    so each set's cut is its 2nd lowest score, and task a's serves both tasks. Over its own task, for new rows: the
+    k-th lowest with k = floor(0.03 * 41) = 1, each task its own."""
     def embedded(name: str, labels: list[int]) -> EmbeddedSet:
         empty = torch.zeros(len(labels), 2)
         return EmbeddedSet(name, [], empty, empty, torch.arange(len(labels)), torch.tensor(labels))
 
-    scored = {"a:h:p0.0": ([0, 0, 0, 0], [1.0, 2.0, 3.0, 4.0]), "b:h:p0.0": ([0, 0, 0, 0], [5.0, 6.0, 7.0, 8.0]),
-              "a:h:p0.5": ([1, 1, 0, 0], [0.5, 1.5, 2.5, 3.5]), "b:h:p0.5": ([1, 1, 0, 0], [0.5, 5.5, 4.0, 6.5])}
-    scored = {name: (embedded(name, labels), {"m": np.ones(4)}, {"m": np.array(scores)})
+    clean, harmful = [0] * 40, [1, 1] + [0] * 38
+    scored = {"a:h:p0.0": (clean, np.arange(1.0, 41.0)), "b:h:p0.0": (clean, np.arange(101.0, 141.0)),
+              "a:h:p0.05": (harmful, np.r_[0.5, 1.5, np.arange(3.0, 41.0)]),
+              "b:h:p0.05": (harmful, np.r_[0.5, 101.5, 100.5, np.arange(103.0, 140.0)])}
+    scored = {name: (embedded(name, labels), {"m": np.ones(40)}, {"m": scores})
               for name, (labels, scores) in scored.items()}
-    found = {(r["task"], r["calibration"]): r for r in matched_rows(scored)}
-    assert set(found) == {(task, c) for task in "ab" for c in ("every task", "own task")}
-    assert [found["b", "every task"][key] for key in ("threshold", "caught_at_matched", "benign_flagged_at_matched")] \
-        == [1.0, 0.5, 0.0]  # the lowest clean row of task a serves both tasks
-    assert [found["b", "own task"][key] for key in ("threshold", "caught_at_matched", "benign_flagged_at_matched")] \
-        == [5.0, 0.5, 0.5]  # 5.5 passes, 4.0 is flagged: task b's clean sets said nothing about its harmful sets
-    assert [found["a", "own task"][key] for key in ("threshold", "caught_at_matched")] == [1.0, 0.5]
-    assert matched_rows({name: entry for name, entry in scored.items() if "p0.5" in name}) == []
+    found = {(r["task"], r["calibration"]): [r[key] for key in ("threshold", "caught_at_matched",
+                                                                "benign_flagged_at_matched")]
+             for r in matched_rows(scored)}
+    assert found == {("a", "every task"): [2.0, 1.0, 0.0], ("b", "every task"): [2.0, 0.5, 0.0],
+                     ("a", "own task"): [1.0, 0.5, 0.0], ("b", "own task"): [101.0, 0.5, 1 / 38]}
+    assert "## At a threshold per method and set, calibrated on one clean set of its task" in "\n".join(
+        matched_report(matched_rows(scored)))
+    assert matched_rows({name: entry for name, entry in scored.items() if "p0.05" in name}) == []
 
 
 def test_missing_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path):
@@ -237,11 +240,11 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
     assert "| harmful | tiny@unshifted |" in report
     matched = found["matched"]  # each method at one threshold that keeps 97 % of every clean set's benign rows
     assert {r["method"] for r in matched} == {"tiny", "tiny@unshifted", "supervised_filter", "alignment_lookup"}
-    assert sorted({r["p"] for r in matched}) == [0.05, 0.1, 0.3] and len(matched) == 2 * 4 * 3 * 5
+    assert sorted({r["p"] for r in matched}) == [0.05, 0.1, 0.3] and len(matched) == 4 * 3 * 5
     assert all(0 <= r[key] <= 1 for r in matched for key in ("caught_at_matched", "harmful_share_left_at_matched",
                                                             "benign_flagged_at_matched"))
     assert "## At one threshold per method that keeps 97 % of benign rows" in report
-    assert "## At one threshold per method and task, calibrated on that task's clean sets" in report
+    assert "Not measured at a threshold per method and set, calibrated on one clean set" in report  # 16 rows
     assert "Harmful rows caught when each set's own threshold flags at most 3 %" in report
     assert sorted({r["p"] for r in found["detection"]}) == [0.0, 0.05, 0.1, 0.3]
     assert found["downstream"] == [] and found["judge_agreement"] is None

@@ -210,6 +210,20 @@ def test_harmful_rows_caught_at_a_matched_cost_by_hand():
         matched_threshold([])
 
 
+def test_a_cut_for_new_rows_flags_at_most_the_rate_in_expectation():
+    """Split conformal: on n clean rows the cut is the k-th lowest, k = floor(rate * (n + 1)); a new row exchangeable
+    with them lies below it with probability k / (n + 1), checked here by leaving each row out in turn."""
+    from scheduler.metrics import calibrated_threshold
+
+    assert calibrated_threshold([np.arange(1.0, 11.0)], rate=0.2) == 2.0  # floor(0.2 * 11) = 2: the 2nd lowest
+    assert calibrated_threshold([np.arange(1.0, 11.0), np.array([0.5, 9, 9, 9])], rate=0.2) == 0.5  # the lowest cut
+    scores = np.random.default_rng(0).normal(size=200)
+    rate = np.mean([scores[i] < calibrated_threshold([np.delete(scores, i)]) for i in range(200)])
+    assert rate == pytest.approx(6 / 200) and rate <= 0.03  # k = floor(0.03 * 200) = 6 of the 200 rows
+    with pytest.raises(ValueError, match="a clean set of 20 rows cannot fit a cut .* at least 33 rows"):
+        calibrated_threshold([np.arange(20.0)])
+
+
 def test_per_ratio_table_by_hand():
     """Each `p=` set in order of its ratio (not as text), mean and worst fold per method; other sets left out."""
     from scheduler.tables import per_ratio_table
