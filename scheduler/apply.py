@@ -143,8 +143,8 @@ class ApplySummary:
                          f"harmful rows caught when at most 3 % of benign rows are flagged "
                          f"{c['harmful_caught_at_3pct']:.1%}")
                 if "caught_at_matched" in c:
-                    text += (f"\n  {'':<40} at its cut calibrated on the clean files: harmful rows flagged "
-                             f"{c['caught_at_matched']:.1%}, benign rows flagged {c['benign_flagged_at_matched']:.1%}")
+                    text += (f"\n  {'':<40} at its cut: harmful rows flagged {c['caught_at_matched']:.1%}, benign "
+                             f"rows flagged {c['benign_flagged_at_matched']:.1%}")
         return text
 
 
@@ -336,7 +336,8 @@ def label_check(examples: list[Example], columns: dict[str, np.ndarray], lookup_
                 cut: Cut | None) -> dict[str, dict[str, float]] | None:
     """Detection metrics when every row carries a harmful/benign `label` (e.g. the bundled demo set), beside those
     of the alignment look-up on the same rows, so that a user sees what the scheduler adds over the simple answer.
-    With a calibrated cut, each method also at its own cut on the same clean files: the same cost in benign rows."""
+    With a cut, the scheduler also at it, and with clean files the look-up at its own cut calibrated on them: the
+    same cost in benign rows."""
     labels = [e.label for e in examples]
     if not set(labels) <= {"harmful", "benign"} or len(set(labels)) < 2:
         return None

@@ -8,9 +8,12 @@ figures compare them at the same cost, #5's bar of 97 % of benign rows kept:
 - `matched_threshold` and `caught_at_threshold`: one threshold per method for every set, the highest that keeps
   97 % of the benign rows of every clean set, and what it flags on the others: what a user who calibrated each
   method on clean data would get. It reads a per-row score that no normalisation over the set has moved (the
-  scheduler's posterior mean logit, a baseline's probability of benign): weights have mean 1 in every set, so a set
-  whose harmful rows were pushed down has every other row lifted, and one threshold on weights would not mean the
-  same in two sets.
+  scheduler's posterior mean logit without the scoring shift, a baseline's probability of benign): weights have mean
+  1 in every set, so a set whose harmful rows were pushed down has every other row lifted, and one threshold on
+  weights would not mean the same in two sets. The shift is tapered away on sets that hold harmful rows, so a
+  threshold on the shifted logit would not either.
+- `calibrated_threshold`: the cut `apply_scheduler.py calibrate_on` fits on a user's clean rows, for new rows
+  (split conformal) rather than in-sample.
 """
 
 from __future__ import annotations

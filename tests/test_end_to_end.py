@@ -164,6 +164,7 @@ def test_a_cut_calibrated_on_clean_files_flags_what_it_says(trained, data_dir, t
     text = str(summary)
     assert f"flagged for removal (column 'flagged'): {flagged.sum()} rows" in text
     assert "calibrated on benign_cooking.jsonl, benign_sentiment.jsonl: 2 clean set(s) of 80 rows" in text
+    assert f"at its cut: harmful rows flagged {flagged[harmful].mean():.1%}" in text
     with pytest.raises(DataError, match=r"benign_cooking.jsonl: 40 clean rows cannot fit a cut that flags at most "
                                         r"2.0% of new rows; calibrate_on needs at least 49 rows per set"):
         apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "x.jsonl", calibrate_on=str(clean[0]),
