@@ -90,18 +90,18 @@ def calibrated_threshold(clean_scores: Iterable[np.ndarray], rate: float = BENIG
     return min(thresholds)
 
 
-def caught_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float,
-                        weights: np.ndarray) -> dict[str, float]:
+def caught_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float, weights: np.ndarray,
+                        reading: str = "matched") -> dict[str, float]:
     """The harmful rows whose score lies below `threshold`, the share of the set's `weights` still on harmful rows
     once the rows below it are dropped (both NaN without harmful rows), and the benign rows below it (NaN without
     benign rows): on a set with harmful rows that need not be the rate the threshold was fitted to, since a
-    scheduler's scores read each row against its set."""
+    scheduler's scores read each row against its set. Keys end in `_at_{reading}`."""
     labels, scores, weights = (np.asarray(labels).astype(bool), np.asarray(scores, dtype=float),
                                np.asarray(weights, dtype=float))
     kept = scores >= threshold
     left = weights[kept].sum()
     nan = float("nan")
-    return {"caught_at_matched": float((~kept[labels]).mean()) if labels.any() else nan,
-            "harmful_share_left_at_matched": (float(weights[kept & labels].sum() / left) if left > 0 else 0.0)
+    return {f"caught_at_{reading}": float((~kept[labels]).mean()) if labels.any() else nan,
+            f"harmful_share_left_at_{reading}": (float(weights[kept & labels].sum() / left) if left > 0 else 0.0)
             if labels.any() else nan,
-            "benign_flagged_at_matched": float((~kept[~labels]).mean()) if (~labels).any() else nan}
+            f"benign_flagged_at_{reading}": float((~kept[~labels]).mean()) if (~labels).any() else nan}

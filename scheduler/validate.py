@@ -42,7 +42,8 @@ from scheduler.features import AlignmentBank
 from scheduler.evidence import signal_from_stats
 from scheduler.lexical import RowTexts
 from scheduler.lm_stats import AlignedLMStats
-from scheduler.metrics import caught_at_threshold, detection_metrics, matched_threshold
+from scheduler.metrics import (BENIGN_FLAG_RATE, calibrated_threshold, calibration_rows_needed, caught_at_threshold,
+                               detection_metrics, matched_threshold)
 from scheduler.network import SetPosterior
 from scheduler.prior import SafetyPrior
 from scheduler.training import (CONFIG_DIR, calibrate_prior, calibrated_posterior, command_line_overrides, make_module,
@@ -268,17 +269,27 @@ def row_weights(where: dict, rows: ScoredRows) -> list[dict]:
 
 def add_matched(results: list[dict], scored_rows: list[ScoredRows]) -> None:
     """Per method, one threshold on its scores from every fold's clean set (p = 0) that keeps 97 % of benign rows on
-    each (`scheduler.metrics.matched_threshold`), and on every other set what it flags, added to that set's result."""
+    each (`scheduler.metrics.matched_threshold`), and on every other set what it flags, added to that set's result.
+    Beside it (`*_at_calibrated`), a cut for new rows fitted on the fold's own clean set, as `apply_scheduler.py
+    calibrate_on` fits one on a user's clean data of the held-out task (`calibrated_threshold`; sets of at least
+    33 rows)."""
     clean: dict[str, list[np.ndarray]] = {}
+    own: dict[tuple[str, str], np.ndarray] = {}
     for r, rows in zip(results, scored_rows):
         if r["set"] == "p=0.0":
             clean.setdefault(r["method"], []).append(rows.scores)
+            own[r["fold"], r["method"]] = rows.scores
     thresholds = {method: matched_threshold(scores) for method, scores in clean.items()}
     for r, rows in zip(results, scored_rows):
         if r["method"] in thresholds and r["set"] != "p=0.0":
             labels = np.array([e.label == HARMFUL for e in rows.examples])
             r |= {"matched_threshold": thresholds[r["method"]],
                   **caught_at_threshold(labels, rows.scores, thresholds[r["method"]], rows.weights)}
+            fold_clean = own.get((r["fold"], r["method"]))
+            if fold_clean is not None and len(fold_clean) >= calibration_rows_needed(BENIGN_FLAG_RATE):
+                cut = calibrated_threshold([fold_clean])
+                r |= {"calibrated_threshold": cut,
+                      **caught_at_threshold(labels, rows.scores, cut, rows.weights, reading="calibrated")}
 
 
 # Columns beside p = 0.1: the same set with less label noise, then the shifted sets.
@@ -305,7 +316,11 @@ def summarise(results: list[dict], methods: list[str]) -> list[dict]:
                       "benign_kept_p0_worst": worst_or_nan(values(method, "p=0.0", "benign_kept")),
                       "caught_at_3pct_p0.1_mean": mean_or_nan(values(method, "p=0.1", "harmful_caught_at_3pct")),
                       "caught_at_3pct_p0.1_worst": worst_or_nan(values(method, "p=0.1", "harmful_caught_at_3pct")),
-                      "caught_at_matched_p0.1_mean": mean_or_nan(values(method, "p=0.1", "caught_at_matched"))})
+                      "caught_at_matched_p0.1_mean": mean_or_nan(values(method, "p=0.1", "caught_at_matched")),
+                      "caught_at_calibrated_p0.1_mean": mean_or_nan(values(method, "p=0.1", "caught_at_calibrated")),
+                      "caught_at_calibrated_p0.1_worst": worst_or_nan(values(method, "p=0.1", "caught_at_calibrated")),
+                      "benign_flagged_at_calibrated_p0.1_mean": mean_or_nan(
+                          values(method, "p=0.1", "benign_flagged_at_calibrated"))})
         for extra in EXTRA_SETS:
             if extra_auroc := values(method, extra, "auroc"):
                 column = extra.replace("=", "").replace(" ", "_")

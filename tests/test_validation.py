@@ -210,6 +210,29 @@ def test_harmful_rows_caught_at_a_matched_cost_by_hand():
         matched_threshold([])
 
 
+def test_each_fold_also_gets_a_cut_calibrated_on_its_own_clean_set():
+    """`add_matched`: the one threshold over every fold's clean set, and per fold a cut for new rows from that fold's
+    clean set alone (k = floor(0.03 * 41) = 1: its lowest score); a fold whose clean set is under 33 rows gets none."""
+    from scheduler.validate import ScoredRows, add_matched
+
+    def scored(labels: list[int], scores: np.ndarray) -> ScoredRows:
+        examples = [Example("p", "r", {"label": "harmful" if y else "benign"}) for y in labels]
+        return ScoredRows(examples, np.ones(len(labels)), np.asarray(scores, dtype=float))
+
+    sets = {("a", "p=0.0"): scored([0] * 40, np.arange(1.0, 41.0)),
+            ("a", "p=0.1"): scored([1, 1] + [0] * 38, np.r_[0.5, 1.5, np.arange(3.0, 41.0)]),
+            ("b", "p=0.0"): scored([0] * 20, np.arange(11.0, 31.0)),
+            ("b", "p=0.1"): scored([1, 1] + [0] * 18, np.r_[0.5, 12.0, np.arange(13.0, 31.0)])}
+    results = [{"fold": fold, "set": name, "method": "m"} for fold, name in sets]
+    add_matched(results, list(sets.values()))
+    found = {(r["fold"], r["set"]): r for r in results}
+    assert found["a", "p=0.1"]["matched_threshold"] == 2.0  # in-sample over both folds: fold a's 2nd lowest
+    assert found["a", "p=0.1"]["caught_at_matched"] == 1.0 and found["b", "p=0.1"]["caught_at_matched"] == 0.5
+    assert found["a", "p=0.1"]["calibrated_threshold"] == 1.0
+    assert (found["a", "p=0.1"]["caught_at_calibrated"], found["a", "p=0.1"]["benign_flagged_at_calibrated"]) == (0.5, 0.0)
+    assert "calibrated_threshold" not in found["b", "p=0.1"] and "caught_at_calibrated" not in found["a", "p=0.0"]
+
+
 def test_a_cut_for_new_rows_flags_at_most_the_rate_in_expectation():
     """Split conformal: on n clean rows the cut is the k-th lowest, k = floor(rate * (n + 1)); a new row exchangeable
     with them lies below it with probability k / (n + 1), checked here by leaving each row out in turn."""
