@@ -233,8 +233,8 @@ class SetPosterior(nn.Module):
                              "withhold_spares_refusals)")
         wording = (self.lexical.weight * self.lexical.evidence(texts, self.alignment_prompts).to(logit)
                    if self.lexical.weight else torch.zeros_like(logit))
-        correction = self.refinement.correction(logit, first_shift, prompts, joint) - wording
-        unshifted = correction if first_shift == 0 else self.refinement.correction(logit, 0.0, prompts, joint) - wording
+        correction, unshifted = (part - wording for part in
+                                 self.refinement.corrections(logit, (first_shift, 0.0), prompts, joint))
         unshifted_mu = Posterior(posterior.mu + unshifted, posterior.sigma, posterior.prior_mean).moments().mu
         posterior = Posterior(posterior.mu + correction, posterior.sigma, posterior.prior_mean)
         spared = None

@@ -21,6 +21,7 @@ single out disguised requests and harmful rows from other sources better, and ke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,15 +49,21 @@ class SetRefinement:
         """What to add to every member's unshifted logit, given the rows' unshifted posterior mean `logit` (N,)
         (an ensemble's mixture mean, `Posterior.moments`); `shift` is the set's scoring shift, which decides how
         sure the first pass is that a row is harmful."""
-        correction = torch.zeros_like(logit)
+        return self.corrections(logit, (shift,), prompts, joint)[0]
+
+    def corrections(self, logit: torch.Tensor, shifts: Sequence[float], prompts: torch.Tensor,
+                    joint: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """`correction` at each of `shifts`. Only the harmful component reads the shift, so the neighbour support (a
+        search over every pair of the set's prompts) is computed once."""
+        shared = torch.zeros_like(logit)
         if self.neighbour_weight:
-            correction = correction + self.neighbour_weight * neighbour_support(logit, prompts, self.neighbour_k)
-        if self.component_weight:
-            if joint is None:
-                raise ValueError("component_weight needs the rows' joint embeddings")
-            harmful = torch.sigmoid(-(logit + shift))
-            correction = correction - self.component_strength(harmful) * component_projection(harmful, joint)
-        return correction
+            shared = shared + self.neighbour_weight * neighbour_support(logit, prompts, self.neighbour_k)
+        if not self.component_weight:
+            return [shared for _ in shifts]
+        if joint is None:
+            raise ValueError("component_weight needs the rows' joint embeddings")
+        harmful = [torch.sigmoid(-(logit + shift)) for shift in shifts]
+        return [shared - self.component_strength(h) * component_projection(h, joint) for h in harmful]
 
     def component_strength(self, harmful: torch.Tensor) -> float:
         """`component_weight`, scaled down in proportion when the rows' probabilities of harm `harmful` sum to

@@ -310,6 +310,9 @@ def test_refinement_reads_the_first_pass_shift_and_the_set_gets_the_confident_on
     first_pass = refinement.correction(logit, 0.0, prompts, joint)
     assert not torch.allclose(first_pass, refinement.correction(logit, 12.0, prompts, joint))
     torch.testing.assert_close(result.posterior.mu, logit + first_pass + 12.0)
+    both = SetRefinement(neighbour_weight=0.5, neighbour_k=1, component_weight=1.0)  # one neighbour search, two shifts
+    for shift, correction in zip((12.0, 0.0), both.corrections(logit, (12.0, 0.0), prompts, joint)):
+        torch.testing.assert_close(correction, both.correction(logit, shift, prompts, joint), rtol=0, atol=0)
 
 
 def test_scoring_shift_tapers_off_on_sets_the_posterior_calls_mostly_harmful():
