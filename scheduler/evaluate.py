@@ -265,13 +265,16 @@ def matched_rows(scored: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray], dic
         for where, _, _, scores in sets:
             if where["p"] == 0:
                 clean.setdefault(group(where), []).append(scores)
+        thresholds = {}
+        for key, fitted in clean.items():
+            for method in fitted[0]:
+                try:
+                    thresholds[key, method] = fit(scores[method] for scores in fitted)
+                except ValueError:  # clean sets too small to fit a cut for new rows: `calibrated_threshold`
+                    continue
         for where, labels, weights, scores in sets:
-            if where["p"] > 0 and group(where) in clean:
-                for method in scores:
-                    try:
-                        threshold = fit(fitted[method] for fitted in clean[group(where)])
-                    except ValueError:  # clean sets too small to fit a cut for new rows: `calibrated_threshold`
-                        continue
+            for method in scores if where["p"] > 0 else ():
+                if (threshold := thresholds.get((group(where), method))) is not None:
                     rows.append({**where, "method": method, "calibration": calibration, "threshold": threshold,
                                  **caught_at_threshold(labels, scores[method], threshold, weights[method])})
     return rows
