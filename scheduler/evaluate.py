@@ -35,7 +35,8 @@ from scheduler.downstream import accuracy, finetune, generate
 from scheduler.evidence import LMEvidence
 from scheduler.judges import EmbeddingHarmJudge, RefusalJudge, agreement
 from scheduler.lexical import RowTexts
-from scheduler.metrics import calibrated_threshold, caught_at_threshold, detection_metrics, matched_threshold
+from scheduler.metrics import (BENIGN_FLAG_RATE, calibrated_threshold, calibration_rows_needed, caught_at_threshold,
+                               detection_metrics, matched_threshold)
 from scheduler.plots import by_ratio, roc_curves, weight_distributions, weight_history
 from scheduler.scalar import ScalarBDS
 from scheduler.scoring import OPERATING_POINT_OPTIONS, NeuralScheduler
@@ -308,8 +309,8 @@ def matched_report(matched: list[dict]) -> list[str]:
                                               "task for new rows (`apply_scheduler.py calibrate_on`)")):
         rows = [r for r in matched if r["calibration"] == calibration]
         if not rows:
-            parts += [f"Not measured at {heading}: its clean sets are too small (at 3 %, 33 rows are needed).",
-                      ""] if matched else []
+            parts += [f"Not measured at {heading}: its clean sets are too small (at {BENIGN_FLAG_RATE * 100:g} %, "
+                      f"{calibration_rows_needed(BENIGN_FLAG_RATE)} rows are needed).", ""] if matched else []
             continue
         parts += [f"## At {heading}", ""]
         if calibration == "every task":
