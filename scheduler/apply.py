@@ -14,8 +14,8 @@ from scheduler.baselines import normalise
 from scheduler.data.io import DataError, Example, iter_rows, to_example, write_rows
 from scheduler.embeddings import RowEmbeddings
 from scheduler.lexical import RowTexts
-from scheduler.metrics import (BENIGN_FLAG_RATE, calibrated_threshold, calibration_rows_needed, caught_at_threshold,
-                               detection_metrics)
+from scheduler.metrics import (BENIGN_FLAG_RATE, calibration_rows_needed, caught_when_flagged, conformal_p_values,
+                               detection_metrics, flagged_at_rate)
 from scheduler.scoring import NeuralScheduler
 
 
@@ -71,13 +71,12 @@ class FlaggedRow:
 
 @dataclass
 class Cut:
-    """Rows whose `unshifted_mu` lies below `threshold` are flagged for removal. The cut reads the posterior mean
-    without the scoring shift, not the weight: weights have mean 1 within each set, and the shift is tapered away on
-    a set that holds harmful rows, so a cut on either would not mean the same in two files."""
+    """How the `flagged` column was set, for the summary: a given cut on `unshifted_mu` (`flag_below`), or each
+    row's `clean_p_value` at most `flag_rate` (`calibrate_on`). With clean files, `lookup_flagged` holds the rows the
+    alignment look-up flags at the same rate, read against the same clean rows (the label check)."""
 
-    threshold: float
-    origin: str  # how it was set, for the summary
-    lookup_threshold: float | None = None  # the alignment look-up's cut on the same clean sets (the label check)
+    description: str
+    lookup_flagged: np.ndarray | None = None
 
 
 @dataclass
@@ -130,7 +129,7 @@ class ApplySummary:
                      f"(validated on sets of 50 to 1,000 rows)\n")
         if self.cut:
             text += (f"flagged for removal (column 'flagged'): {self.flagged} rows ({self.flagged / self.rows:.1%}) "
-                     f"with unshifted_mu below {self.cut.threshold:.4g} ({self.cut.origin})\n")
+                     f"{self.cut.description}\n")
         text += f"weight quantiles: {q}" + (f"\nhistogram: {self.histogram}" if self.histogram else "")
         if self.lowest:
             text += f"\nlowest weights (the {len(self.lowest)} rows the scheduler trusts least):"
@@ -197,14 +196,18 @@ def score_sets(scheduler: NeuralScheduler, embeddings: RowEmbeddings, examples: 
     members = set_members(groups, len(examples))
     columns, sets = {}, []
     for name, rows in tqdm(members.items(), desc="scoring sets", unit=" sets", disable=len(members) == 1):
-        index = torch.as_tensor(rows)
-        part = RowEmbeddings(*(None if e is None else e[index] for e in embeddings))
-        result = scheduler.score_embeddings(*part, texts=RowTexts.of([examples[i] for i in rows]))
+        result = scheduler.score_embeddings(*embeddings_of(embeddings, rows),
+                                            texts=RowTexts.of([examples[i] for i in rows]))
         for column, values in result.columns().items():
             columns.setdefault(column, np.zeros(len(examples)))[rows] = values
         sets.append(SetSummary(name, len(rows), int((result.weight < 0.5).sum()), result.expected_harmful_fraction,
                                result.scoring_shift, result.withheld))
     return columns, sets
+
+
+def embeddings_of(embeddings: RowEmbeddings, rows: list[int]) -> RowEmbeddings:
+    index = torch.as_tensor(rows)
+    return RowEmbeddings(*(None if e is None else e[index] for e in embeddings))
 
 
 def output_rows(examples: list[Example], columns: dict[str, np.ndarray]) -> list[dict]:
@@ -246,9 +249,11 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     `group_by` names a field (a task or source column) whose values split the file into sets scored apart: the
     posterior reads each row against its own set, so a task that is a small part of a mixed file is read against
     rows like it.
-    A cut adds a `flagged` column (`unshifted_mu` below it): `flag_below` gives it, or `calibrate_on` names files of
-    the user's own clean data, scored like the input, and the cut flags at most `flag_rate` of new rows like theirs in
-    expectation (`calibrated_threshold`): a known cost in benign rows."""
+    `calibrate_on` names files of the user's own clean data. Each set is scored once more with its clean rows in it
+    (all of them, or with `group_by` those of its group), which adds the column `clean_p_value`
+    (`NeuralScheduler.clean_p_values_from_embeddings`), and `flagged`, true where it is at most `flag_rate`: at most
+    that share of new clean rows like the user's are flagged in expectation, a known cost in benign rows. Or
+    `flag_below` flags the rows whose `unshifted_mu` lies below a cut of the user's own."""
     input_path, output_path = Path(input_path), Path(output_path)
     if isinstance(show_lowest, bool) or not isinstance(show_lowest, int) or show_lowest < 0:
         raise DataError(f"show_lowest: expected a whole number of rows >= 0; got {show_lowest!r}")
@@ -257,24 +262,32 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
         if output_path.resolve() == path.resolve():
             raise DataError(f"{output_path}: output would overwrite the input file {path}; choose another output path")
     examples, groups = read_all(input_path, group_by)  # fail on bad rows before spending time on the model
-    calibration = {path: read_all(path, group_by, clean=True) for path in calibration_paths}
-    check_calibration_sizes(calibration, flag_rate)
+    members = set_members(groups, len(examples))
+    clean = clean_rows_per_set(calibration_paths, group_by, members, flag_rate) if calibration_paths else None
     scheduler = NeuralScheduler.load(checkpoint, scoring_shift=scoring_shift, scoring_shift_taper=scoring_shift_taper,
                                      withhold_below=withhold_below, withhold_block=withhold_block,
                                      withhold_spares_refusals=withhold_spares_refusals)
     embeddings = embed_in_chunks(scheduler, examples, chunk)
     columns, sets = score_sets(scheduler, embeddings, examples, groups)
-    cut = (Cut(float(flag_below), f"given: flag_below={flag_below}") if flag_below is not None
-           else calibrate_cut(scheduler, calibration, flag_rate, chunk) if calibration else None)
-    if cut:
-        columns["flagged"] = columns["unshifted_mu"] < cut.threshold
+    cut = None
+    if flag_below is not None:
+        columns["flagged"] = columns["unshifted_mu"] < flag_below
+        cut = Cut(f"with unshifted_mu below {flag_below:.4g} (given: flag_below)")
+    elif clean:
+        columns["clean_p_value"], lookup_p_value = clean_p_values(scheduler, embeddings, examples, members, clean, chunk)
+        columns["flagged"] = flagged_at_rate(columns["clean_p_value"], flag_rate)
+        cut = Cut(f"whose clean_p_value is at most {flag_rate:.1%}: each set was scored with its clean rows "
+                  f"({sum(map(len, clean.values()))} from {', '.join(path.name for path in calibration_paths)}), "
+                  f"which flags at most {flag_rate:.1%} of new clean rows like them in expectation",
+                  flagged_at_rate(lookup_p_value, flag_rate))
     write_rows(output_rows(examples, columns), output_path)
     weights = columns["weight"]
     hist = plot_histogram(weights, output_path.with_suffix(".hist.png")) if histogram else None
     quantiles = dict(zip(["min", "q05", "q25", "median", "q75", "q95", "max"],
                          np.quantile(weights, [0, 0.05, 0.25, 0.5, 0.75, 0.95, 1]).tolist(), strict=True))
     return ApplySummary(quantiles, output_path, hist, sets,
-                        label_check(examples, columns, lambda: scheduler.lookup_probability(embeddings.prompts), cut),
+                        label_check(examples, columns, lambda: scheduler.lookup_probability(embeddings.prompts),
+                                    cut and cut.lookup_flagged),
                         lowest_rows(examples, weights, show_lowest), cut,
                         int(columns["flagged"].sum()) if cut else 0)
 
@@ -297,33 +310,39 @@ def checked_cut_options(calibrate_on: str | Path | Sequence[str | Path] | None, 
     return [Path(path) for path in paths]
 
 
-def calibrate_cut(scheduler: NeuralScheduler, calibration: dict[Path, tuple[list[Example], list[str] | None]],
-                  rate: float, chunk: int) -> Cut:
-    """An `unshifted_mu` cut that flags at most `rate` of new rows like those of each clean set (each file, or each of
-    its groups), scored as the input is (`calibrated_threshold`); and the alignment look-up's cut on the same sets,
-    for the label check."""
-    mu, lookup = [], []
-    for examples, groups in calibration.values():
-        embeddings = embed_in_chunks(scheduler, examples, chunk)
-        columns, _ = score_sets(scheduler, embeddings, examples, groups)
-        probability = scheduler.lookup_probability(embeddings.prompts)
-        for rows in set_members(groups, len(examples)).values():
-            mu.append(columns["unshifted_mu"][rows])
-            lookup.append(probability[rows])
-    origin = (f"calibrated on {', '.join(path.name for path in calibration)}: {len(mu)} clean set(s) of "
-              f"{sum(map(len, mu))} rows in all, flagging at most {rate:.1%} of new rows like theirs in expectation")
-    return Cut(calibrated_threshold(mu, rate), origin, calibrated_threshold(lookup, rate))
-
-
-def check_calibration_sizes(calibration: dict[Path, tuple[list[Example], list[str] | None]], rate: float) -> None:
-    """Before any model loads: every clean set (file, or group of it) holds enough rows to fit a cut at `rate`."""
-    needed = calibration_rows_needed(rate)
-    for path, (examples, groups) in calibration.items():
+def clean_rows_per_set(paths: list[Path], group_by: str | None, members: dict[str, list[int]],
+                       rate: float) -> dict[str, list[Example]]:
+    """Before any model loads: the clean rows that join each scored set (every row of the files, or with `group_by`
+    those of the set's group), enough of them to flag at `rate`."""
+    clean: dict[str, list[Example]] = {name: [] for name in members}
+    for path in paths:
+        examples, groups = read_all(path, group_by, clean=True)
         for name, rows in set_members(groups, len(examples)).items():
-            if len(rows) < needed:
-                where = f"{path}" + (f", group '{name}'" if groups else "")
-                raise DataError(f"{where}: {len(rows)} clean rows cannot fit a cut that flags at most {rate:.1%} of "
-                                f"new rows; calibrate_on needs at least {needed} rows per set (or a higher flag_rate)")
+            clean.get(name, []).extend(examples[i] for i in rows)
+    needed = calibration_rows_needed(rate)
+    for name, rows in clean.items():
+        if len(rows) < needed:
+            where = f"group '{name}' (group_by={group_by}): " if group_by else ""
+            raise DataError(f"calibrate_on ({', '.join(map(str, paths))}): {where}{len(rows)} clean rows cannot fit a "
+                            f"cut that flags at most {rate:.1%} of new rows; each scored set needs at least {needed} "
+                            "clean rows of its own (or a higher flag_rate)")
+    return clean
+
+
+def clean_p_values(scheduler: NeuralScheduler, embeddings: RowEmbeddings, examples: list[Example],
+                   members: dict[str, list[int]], clean: dict[str, list[Example]],
+                   chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's `clean_p_value`, its set scored with its clean rows, and the alignment look-up's p-value against the
+    same clean rows (a look-up reads no set, so its rows need no second scoring)."""
+    p_value, lookup_p_value = np.zeros(len(examples)), np.zeros(len(examples))
+    lookup = scheduler.lookup_probability(embeddings.prompts)
+    for name, rows in tqdm(members.items(), desc="scoring with clean rows", unit=" sets", disable=len(members) == 1):
+        clean_embeddings = embed_in_chunks(scheduler, clean[name], chunk)
+        p_value[rows] = scheduler.clean_p_values_from_embeddings(
+            embeddings_of(embeddings, rows), RowTexts.of([examples[i] for i in rows]), clean_embeddings,
+            RowTexts.of(clean[name]))
+        lookup_p_value[rows] = conformal_p_values(scheduler.lookup_probability(clean_embeddings.prompts), lookup[rows])
+    return p_value, lookup_p_value
 
 
 def lowest_rows(examples: list[Example], weights: np.ndarray, count: int) -> list[FlaggedRow]:
@@ -333,21 +352,20 @@ def lowest_rows(examples: list[Example], weights: np.ndarray, count: int) -> lis
 
 
 def label_check(examples: list[Example], columns: dict[str, np.ndarray], lookup_probability: Callable[[], np.ndarray],
-                cut: Cut | None) -> dict[str, dict[str, float]] | None:
+                lookup_flagged: np.ndarray | None) -> dict[str, dict[str, float]] | None:
     """Detection metrics when every row carries a harmful/benign `label` (e.g. the bundled demo set), beside those
     of the alignment look-up on the same rows, so that a user sees what the scheduler adds over the simple answer.
-    With a cut, the scheduler also at it, and with clean files the look-up at its own cut calibrated on them: the
-    same cost in benign rows."""
+    With a cut, the scheduler's `flagged` rows too, and with clean files the rows the look-up flags at the same rate
+    against them: the same cost in benign rows."""
     labels = [e.label for e in examples]
     if not set(labels) <= {"harmful", "benign"} or len(set(labels)) < 2:
         return None
     harmful = np.array([label == "harmful" for label in labels])
     probability = lookup_probability()
-    at_cut = {"scheduler": (columns["weight"], columns["unshifted_mu"], cut and cut.threshold),
-              LOOKUP: (normalise(probability), probability, cut and cut.lookup_threshold)}
+    at_cut = {"scheduler": (columns["weight"], columns.get("flagged")), LOOKUP: (normalise(probability), lookup_flagged)}
     checks = {}
-    for method, (weights, scores, threshold) in at_cut.items():
+    for method, (weights, flagged) in at_cut.items():
         checks[method] = detection_metrics(harmful, weights)
-        if threshold is not None:
-            checks[method] |= caught_at_threshold(harmful, scores, threshold, weights)
+        if flagged is not None:
+            checks[method] |= caught_when_flagged(harmful, flagged, weights)
     return checks

@@ -1,7 +1,9 @@
-"""Speed benchmarks that print numbers (never asserted in tests).
+"""Benchmarks that print numbers (never asserted in tests).
 
     python -m scheduler.benchmark lm      # per-sample LM loss rows/s and seconds per BDS step: naive, tuned, cached
     python -m scheduler.benchmark apply CHECKPOINT [--rows 2000]   # apply_scheduler throughput vs bare encoder
+    python -m scheduler.benchmark cut CHECKPOINT [--tasks benign.jsonl ...] [--sources harmful.jsonl ...]
+                                  [--splits 5] [--ratios 0.05 0.1 0.3]   # what calibrate_on catches and costs
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from unittest import mock
 
 import torch
 
-from scheduler.data.io import read_examples, write_rows
+from scheduler.data.io import DataError, exit_on_data_error, read_examples, write_rows
 from scheduler.lm import DEFAULT_REFUSAL, LowerLayerCache, ResponseTokenizer, autocast_context, load_lm, response_nll
+from scheduler.metrics import BENIGN_FLAG_RATE
 from scheduler.training import PROJECT_ROOT
 
 DATA = PROJECT_ROOT / "data"
@@ -109,6 +112,74 @@ def bench_apply(checkpoint: str, n_rows: int) -> None:
           f"rows: {n_rows}")
 
 
+CUT_TASKS = [str(DATA / f"benign_{task}.jsonl") for task in ("alpaca", "dolly", "lima", "alpacaeval_gpt4", "sst2",
+                                                              "nq_open")]
+CUT_SOURCES = [str(DATA / "harmful.jsonl"), str(DATA / "harmful_other_sources.jsonl")]
+
+
+def bench_cut(checkpoint: str, tasks: list[str], sources: list[str], splits: int, ratios: list[float],
+              rate: float) -> list[dict]:
+    """The user's path to a cut, on disjoint splits of each benign file's rows the checkpoint never trained on: a
+    clean file of up to 200 rows and an upload of up to 180 other rows plus harmful rows at each ratio. Each cut flags at
+    `rate`: `calibrate_on`'s (the clean rows scored inside the upload's set), a cut fitted on the clean file scored
+    apart (`calibrated_threshold`), and the alignment look-up's. Prints the harmful rows caught, the benign rows
+    flagged (mean and worst task) and the harmful share of weight left once the flagged rows are dropped (each
+    method's own weights); returns them per task, source, split, ratio and cut."""
+    import numpy as np
+
+    from scheduler.baselines import normalise
+    from scheduler.lexical import RowTexts
+    from scheduler.metrics import (calibrated_threshold, calibration_rows_needed, caught_when_flagged,
+                                   conformal_p_values, flagged_at_rate)
+    from scheduler.scoring import NeuralScheduler
+
+    scheduler = NeuralScheduler.load(checkpoint)
+    seen = set(scheduler.config.get("training_rows", ()))
+    unseen = lambda path: [e for e in read_examples(path) if e.key not in seen]
+    found = []
+    for task in tasks:
+        pool = unseen(task)
+        if len(pool) < 2 * calibration_rows_needed(rate):
+            raise DataError(f"{task}: {len(pool)} rows the checkpoint did not train on; a clean file and an upload at "
+                            f"{rate:.1%} need at least {2 * calibration_rows_needed(rate)}")
+        for source in sources:
+            harmful = unseen(source)
+            for split in range(splits):
+                rng = random.Random(split)
+                benign = rng.sample(pool, min(380, len(pool)))
+                clean, rest = benign[:min(200, len(benign) // 2)], benign[min(200, len(benign) // 2):]
+                clean_emb, clean_texts = scheduler.embed(clean), RowTexts.of(clean)
+                apart = calibrated_threshold([scheduler.score_embeddings(*clean_emb, texts=clean_texts).unshifted_mu],
+                                             rate)
+                clean_lookup = scheduler.lookup_probability(clean_emb.prompts)
+                for ratio in ratios:
+                    upload = rest + rng.sample(harmful, min(round(len(rest) * ratio / (1 - ratio)), len(harmful)))
+                    labels = np.arange(len(upload)) >= len(rest)
+                    emb, texts = scheduler.embed(upload), RowTexts.of(upload)
+                    scored = scheduler.score_embeddings(*emb, texts=texts)
+                    inside = scheduler.clean_p_values_from_embeddings(emb, texts, clean_emb, clean_texts)
+                    probability = scheduler.lookup_probability(emb.prompts)
+                    cuts = {"calibrate_on (clean rows inside the set)": (flagged_at_rate(inside, rate), scored.weight),
+                            "a cut fitted on the clean rows apart": (scored.unshifted_mu < apart, scored.weight),
+                            "alignment look-up": (flagged_at_rate(conformal_p_values(clean_lookup, probability), rate),
+                                                  normalise(probability))}
+                    for method, (flagged, weights) in cuts.items():
+                        found.append({"task": task, "source": source, "split": split, "ratio": ratio, "method": method,
+                                      **caught_when_flagged(labels, flagged, weights)})
+            print(f"{Path(task).name}, {Path(source).name}: {len(pool)} unseen benign rows", flush=True)
+    print(f"\n{len(tasks)} tasks x {len(sources)} sources x {splits} splits; each cut flags at {rate:.1%}")
+    print(f"{'ratio':>5}  {'cut':42s} {'caught':>7} {'benign flagged (worst task)':>28} {'harmful share left':>19}")
+    for ratio in ratios:
+        for method in cuts:
+            rows = [r for r in found if r["ratio"] == ratio and r["method"] == method]
+            mean = lambda key, task=None: np.mean([r[key] for r in rows if task in (None, r["task"])])
+            worst = max(mean("benign_flagged_at_matched", task) for task in tasks)
+            print(f"{ratio:5.2f}  {method:42s} {mean('caught_at_matched'):7.4f} "
+                  f"{mean('benign_flagged_at_matched'):13.4f} ({worst:.4f}){'':6s} "
+                  f"{mean('harmful_share_left_at_matched'):19.4f}")
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -119,12 +190,22 @@ def main() -> None:
     apply = sub.add_parser("apply")
     apply.add_argument("checkpoint")
     apply.add_argument("--rows", type=int, default=2000)
+    cut = sub.add_parser("cut")
+    cut.add_argument("checkpoint")
+    cut.add_argument("--tasks", nargs="+", default=CUT_TASKS, help="files of benign rows, one task each")
+    cut.add_argument("--sources", nargs="+", default=CUT_SOURCES, help="files of harmful rows")
+    cut.add_argument("--splits", type=int, default=5)
+    cut.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.3])
+    cut.add_argument("--rate", type=float, default=BENIGN_FLAG_RATE)
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.what == "lm":
-        bench_lm(args.lm, args.rows, args.steps)
-    else:
-        bench_apply(args.checkpoint, args.rows)
+    with exit_on_data_error():
+        if args.what == "lm":
+            bench_lm(args.lm, args.rows, args.steps)
+        elif args.what == "apply":
+            bench_apply(args.checkpoint, args.rows)
+        else:
+            bench_cut(args.checkpoint, args.tasks, args.sources, args.splits, args.ratios, args.rate)
 
 
 if __name__ == "__main__":

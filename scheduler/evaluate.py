@@ -247,10 +247,11 @@ def worst_task_auroc(detection: list[dict]) -> list[dict]:
 
 
 # How a method's one threshold is fitted on the clean sets (p = 0): over every task's, in-sample (one threshold for
-# the whole grid: `matched_threshold`), or as a user who calibrates on one clean file of their own task would
-# (`apply_scheduler.py calibrate_on`): on the clean set of the same task, source cell and draw, for new rows
-# (`calibrated_threshold`). The clean and the contaminated set of a draw are drawn apart from one pool, so some
-# benign rows occur in both (scored against different sets).
+# the whole grid: `matched_threshold`), or on the clean set of the same task, source cell and draw, scored apart, for
+# new rows (`calibrated_threshold`: a user's clean file of their own task). The clean and the contaminated set of a
+# draw are drawn apart from one pool, so some benign rows occur in both (scored against different sets), which is why
+# this reading does not score the clean rows inside the set as `apply_scheduler.py calibrate_on` does
+# (`python -m scheduler.benchmark cut` measures that on disjoint splits).
 CALIBRATIONS = {"every task": (lambda where: "", matched_threshold),
                 "own task": (lambda where: (where["task"], where["harmful_source"], where["draw"]), calibrated_threshold)}
 

@@ -12,8 +12,9 @@ figures compare them at the same cost, #5's bar of 97 % of benign rows kept:
   1 in every set, so a set whose harmful rows were pushed down has every other row lifted, and one threshold on
   weights would not mean the same in two sets. The shift is tapered away on sets that hold harmful rows, so a
   threshold on the shifted logit would not either.
-- `calibrated_threshold`: the cut `apply_scheduler.py calibrate_on` fits on a user's clean rows, for new rows
-  (split conformal) rather than in-sample.
+- `calibrated_threshold`: a cut fitted on clean rows scored apart, for new rows (split conformal) rather than
+  in-sample; `conformal_p_values`: the same reading row by row, which `apply_scheduler.py calibrate_on` takes with
+  the user's clean rows scored inside each set.
 """
 
 from __future__ import annotations
@@ -90,15 +91,35 @@ def calibrated_threshold(clean_scores: Iterable[np.ndarray], rate: float = BENIG
     return min(thresholds)
 
 
+def conformal_p_values(clean_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Each score's conformal p-value among clean rows' scores (higher = safer): (1 + the clean scores at or below
+    it) / (clean rows + 1). A new clean row exchangeable with the clean rows gets p <= rate with probability at most
+    rate, so flagging p <= rate flags at most `rate` of such rows in expectation: the rows below
+    `calibrated_threshold`'s cut on the same clean scores (scores tied with a clean row are not flagged)."""
+    ordered = np.sort(np.asarray(clean_scores, dtype=float))
+    return (1 + np.searchsorted(ordered, np.asarray(scores, dtype=float), side="right")) / (len(ordered) + 1)
+
+
+def flagged_at_rate(p_values: np.ndarray, rate: float = BENIGN_FLAG_RATE) -> np.ndarray:
+    """Rows whose `conformal_p_values` are at most `rate` (one equal to it, up to float rounding, is flagged)."""
+    return np.asarray(p_values, dtype=float) <= rate + 1e-12
+
+
 def caught_at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float, weights: np.ndarray,
                         reading: str = "matched") -> dict[str, float]:
-    """The harmful rows whose score lies below `threshold`, the share of the set's `weights` still on harmful rows
-    once the rows below it are dropped (both NaN without harmful rows), and the benign rows below it (NaN without
-    benign rows): on a set with harmful rows that need not be the rate the threshold was fitted to, since a
-    scheduler's scores read each row against its set. Keys end in `_at_{reading}`."""
-    labels, scores, weights = (np.asarray(labels).astype(bool), np.asarray(scores, dtype=float),
-                               np.asarray(weights, dtype=float))
-    kept = scores >= threshold
+    """`caught_when_flagged` with the rows whose score lies below `threshold` flagged: on a set with harmful rows the
+    benign rows flagged need not be the rate the threshold was fitted to, since a scheduler's scores read each row
+    against its set."""
+    return caught_when_flagged(labels, np.asarray(scores, dtype=float) < threshold, weights, reading)
+
+
+def caught_when_flagged(labels: np.ndarray, flagged: np.ndarray, weights: np.ndarray,
+                        reading: str = "matched") -> dict[str, float]:
+    """The harmful rows flagged, the share of the set's `weights` still on harmful rows once the flagged rows are
+    dropped (both NaN without harmful rows), and the benign rows flagged (NaN without benign rows). Keys end in
+    `_at_{reading}`."""
+    labels, weights = np.asarray(labels).astype(bool), np.asarray(weights, dtype=float)
+    kept = ~np.asarray(flagged, dtype=bool)
     left = weights[kept].sum()
     nan = float("nan")
     return {f"caught_at_{reading}": float((~kept[labels]).mean()) if labels.any() else nan,

@@ -19,6 +19,7 @@ from scheduler.data.io import DataError, Example, examples_from_rows
 from scheduler.embeddings import Embedder, RowEmbeddings
 from scheduler.features import AlignmentBank, SetEvidence
 from scheduler.lexical import LexicalContrast, RowTexts
+from scheduler.metrics import conformal_p_values
 from scheduler.network import SetPosterior, build_network
 from scheduler.prior import SafetyPrior, check_taper
 from scheduler.refinement import SetRefinement
@@ -182,5 +183,30 @@ class NeuralScheduler:
 
     def score(self, rows: Iterable[Any]) -> ScoreResult:
         """Weights for rows given as dicts of any supported schema or as plain strings; the rows form one set."""
-        examples = rows if isinstance(rows, list) and rows and isinstance(rows[0], Example) else examples_from_rows(list(rows))
+        examples = as_examples(rows)
         return self.score_embeddings(*self.embed(examples), texts=RowTexts.of(examples))
+
+    def clean_p_values(self, rows: Iterable[Any], clean_rows: Iterable[Any]) -> np.ndarray:
+        """Each row's conformal p-value among the user's clean rows, scored in one set with them
+        (`clean_p_values_from_embeddings`): flag p <= rate to drop at most `rate` of new clean rows like them."""
+        examples, clean = as_examples(rows), as_examples(clean_rows)
+        return self.clean_p_values_from_embeddings(self.embed(examples), RowTexts.of(examples), self.embed(clean),
+                                                   RowTexts.of(clean))
+
+    def clean_p_values_from_embeddings(self, embeddings: RowEmbeddings, texts: RowTexts,
+                                       clean_embeddings: RowEmbeddings, clean_texts: RowTexts) -> np.ndarray:
+        """The set's rows and the clean rows are scored as one set, and each row's `unshifted_mu` is read against the
+        clean rows' (`conformal_p_values`). Scored in one set, a clean row and a benign row of the set are read against
+        the same rows, so they are exchangeable however many harmful rows the set holds: the cost in benign rows
+        holds on a contaminated set, where a cut fitted on the clean rows scored apart flags fewer benign rows than
+        it was fitted to, and catches fewer harmful ones (docs/validation.md, "Clean rows scored inside the set")."""
+        pooled = RowEmbeddings(*(None if rows is None else torch.cat([rows, clean])
+                                 for rows, clean in zip(embeddings, clean_embeddings, strict=True)))
+        pooled_texts = RowTexts([*texts.prompts, *clean_texts.prompts], [*texts.responses, *clean_texts.responses])
+        mu = self.score_embeddings(*pooled, texts=pooled_texts).unshifted_mu
+        return conformal_p_values(mu[len(embeddings.prompts):], mu[:len(embeddings.prompts)])
+
+
+def as_examples(rows: Iterable[Any]) -> list[Example]:
+    """Rows as `Example`s: given so, or dicts of any supported schema, or plain strings."""
+    return rows if isinstance(rows, list) and rows and isinstance(rows[0], Example) else examples_from_rows(list(rows))

@@ -43,7 +43,8 @@ from scheduler.evidence import signal_from_stats
 from scheduler.lexical import RowTexts
 from scheduler.lm_stats import AlignedLMStats
 from scheduler.metrics import (BENIGN_FLAG_RATE, calibrated_threshold, calibration_rows_needed, caught_at_threshold,
-                               detection_metrics, matched_threshold)
+                               caught_when_flagged, conformal_p_values, detection_metrics, flagged_at_rate,
+                               matched_threshold)
 from scheduler.network import SetPosterior
 from scheduler.prior import SafetyPrior
 from scheduler.training import (CONFIG_DIR, calibrate_prior, calibrated_posterior, command_line_overrides, make_module,
@@ -250,14 +251,37 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
     supervised = SupervisedFilter().fit(pool_embedded.prompts, pool_embedded.responses, pool_embedded.labels.numpy())
     scorers["supervised_filter"] = lambda s: normalised_and_raw(supervised.benign_probability(s.prompts, s.responses))
     results, scored_rows = [], []
+    clean = next((s for s in evaluation if s.name == "p=0.0"), None)
     for s in evaluation:
         measured = s.measured or len(s.examples)
+        labels = s.labels.numpy()[:measured]
+        joined = with_clean_rows(s, clean)
         for method, score in scorers.items():
             weights, scores = (values[:measured] for values in score(s))
-            results.append({"fold": fold.name, "set": s.name, "method": method,
-                            **detection_metrics(s.labels.numpy()[:measured], weights)})
+            results.append({"fold": fold.name, "set": s.name, "method": method, **detection_metrics(labels, weights)})
+            if joined is not None:
+                pooled = score(joined)[1]
+                flagged = flagged_at_rate(conformal_p_values(pooled[len(s.examples):], pooled[:measured]))
+                results[-1] |= caught_when_flagged(labels, flagged, weights, reading="clean_inside")
             scored_rows.append(ScoredRows(s.examples[:measured], weights, scores))
     return results, scored_rows
+
+
+def with_clean_rows(s: EmbeddedSet, clean: EmbeddedSet | None) -> EmbeddedSet | None:
+    """The set with the rows of the fold's clean set that it does not hold appended after its own, as
+    `apply_scheduler.py calibrate_on` scores a set with the user's clean rows; None for the clean set itself, or when
+    too few of its rows are left to flag at 3 % (`calibration_rows_needed`)."""
+    if clean is None or s is clean:
+        return None
+    held = {e.key for e in s.examples}
+    kept = [i for i, e in enumerate(clean.examples) if e.key not in held]
+    if len(kept) < calibration_rows_needed(BENIGN_FLAG_RATE):
+        return None
+    index = torch.as_tensor(kept)
+    joined = lambda own, other: None if own is None or other is None else torch.cat([own, other[index]])
+    return EmbeddedSet(f"{s.name} with clean rows", s.examples + [clean.examples[i] for i in kept],
+                       joined(s.prompts, clean.prompts), joined(s.responses, clean.responses),
+                       joined(s.row_ids, clean.row_ids), joined(s.labels, clean.labels), joined(s.joint, clean.joint))
 
 
 def row_weights(where: dict, rows: ScoredRows) -> list[dict]:
@@ -270,9 +294,9 @@ def row_weights(where: dict, rows: ScoredRows) -> list[dict]:
 def add_matched(results: list[dict], scored_rows: list[ScoredRows]) -> None:
     """Per method, one threshold on its scores from every fold's clean set (p = 0) that keeps 97 % of benign rows on
     each (`scheduler.metrics.matched_threshold`), and on every other set what it flags, added to that set's result.
-    Beside it (`*_at_calibrated`), a cut for new rows fitted on the fold's own clean set, as `apply_scheduler.py
-    calibrate_on` fits one on a user's clean data of the held-out task (`calibrated_threshold`; sets of at least
-    33 rows)."""
+    Beside it (`*_at_calibrated`), a cut for new rows fitted on the fold's own clean set scored apart
+    (`calibrated_threshold`; sets of at least 33 rows). `run_fold` adds the reading `apply_scheduler.py calibrate_on`
+    takes (`*_at_clean_inside`: the clean rows scored inside the set, `with_clean_rows`)."""
     clean: dict[str, list[np.ndarray]] = {}
     cuts: dict[tuple[str, str], float] = {}
     for r, rows in zip(results, scored_rows):
@@ -298,8 +322,9 @@ EXTRA_SETS = ("p=0.1 audited", "disguised", "other_sources", "unseen_frames", "w
 
 def summarise(results: list[dict], methods: list[str]) -> list[dict]:
     """Per method: mean and worst-fold AUROC at p = 0.1 and on the shifted sets, AUPRC, harmful share,
-    benign kept at p = 0, harmful rows caught at 3 % of benign rows flagged (per set, and at one threshold that keeps
-    97 % on every clean fold: `add_matched`); NaN where a run has no such set (`eval_ratios` without it)."""
+    benign kept at p = 0, harmful rows caught at 3 % of benign rows flagged (per set; at one threshold that keeps
+    97 % on every clean fold, and at a cut calibrated on the fold's clean set: `add_matched`; with that set's rows
+    scored inside the set: `with_clean_rows`); NaN where a run has no such set (`eval_ratios` without it)."""
     def values(method, set_name, key):
         return [r[key] for r in results if r["method"] == method and r["set"] == set_name and key in r]
 
@@ -319,7 +344,12 @@ def summarise(results: list[dict], methods: list[str]) -> list[dict]:
                       "caught_at_calibrated_p0.1_mean": mean_or_nan(values(method, "p=0.1", "caught_at_calibrated")),
                       "caught_at_calibrated_p0.1_worst": worst_or_nan(values(method, "p=0.1", "caught_at_calibrated")),
                       "benign_flagged_at_calibrated_p0.1_mean": mean_or_nan(
-                          values(method, "p=0.1", "benign_flagged_at_calibrated"))})
+                          values(method, "p=0.1", "benign_flagged_at_calibrated")),
+                      "caught_at_clean_inside_p0.1_mean": mean_or_nan(values(method, "p=0.1", "caught_at_clean_inside")),
+                      "caught_at_clean_inside_p0.1_worst": worst_or_nan(values(method, "p=0.1",
+                                                                               "caught_at_clean_inside")),
+                      "benign_flagged_at_clean_inside_p0.1_mean": mean_or_nan(
+                          values(method, "p=0.1", "benign_flagged_at_clean_inside"))})
         for extra in EXTRA_SETS:
             if extra_auroc := values(method, extra, "auroc"):
                 column = extra.replace("=", "").replace(" ", "_")

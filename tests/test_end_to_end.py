@@ -126,55 +126,112 @@ def test_group_by_scores_each_group_as_its_own_set(trained, data_dir, tmp_path):
     assert "scored as 2 sets" in str(summary) and "fewer than 50 rows" in str(summary)
 
 
-def test_a_cut_calibrated_on_clean_files_flags_what_it_says(trained, data_dir, tmp_path):
-    """`calibrate_on`: each clean file, scored alone as apply scores it, gives its k-th lowest unshifted_mu with
-    k = floor(flag_rate * (n + 1)), and the cut is the lowest of them; `flagged` marks the input's rows below it, and
-    the label check reads both methods at their own cut on the same files (the look-up's re-derived here from its
-    probabilities)."""
+def test_calibrate_on_scores_each_set_with_its_clean_rows_and_flags_what_it_says(trained, data_dir, tmp_path):
+    """`calibrate_on`: the input scored as one set with every clean row in it gives each row's unshifted_mu; its
+    `clean_p_value` is (1 + the clean rows at or below it) / (clean rows + 1), re-derived here by hand, and `flagged`
+    marks p <= flag_rate. The other columns are those of the input scored alone, and the label check reads both
+    methods at the same rate against the same clean rows (the look-up's re-derived from its probabilities)."""
     from scheduler.apply import apply_scheduler
     from scheduler.data.io import DataError, read_examples
 
     checkpoint, rate = trained / "scheduler.ckpt", 0.1
-    clean = [data_dir / "benign_cooking.jsonl", data_dir / "benign_sentiment.jsonl"]
+    clean_files = [data_dir / "benign_cooking.jsonl", data_dir / "benign_sentiment.jsonl"]
     scheduler = NeuralScheduler.load(checkpoint)
     read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]
-    cut_of = lambda scores: np.sort(scores)[int(rate * (len(scores) + 1)) - 1]  # 40 rows: the 4th lowest
-    mu, lookup = [], []
-    for path in clean:
-        apply_scheduler(checkpoint, path, tmp_path / f"{path.stem}.w.jsonl", histogram=False)
-        mu.append(cut_of(np.array([row["unshifted_mu"] for row in read(tmp_path / f"{path.stem}.w.jsonl")])))
-        lookup.append(cut_of(scheduler.lookup_probability(scheduler.embed(read_examples(path)).prompts)))
+    upload, clean = read_examples(data_dir / "demo.jsonl"), [e for path in clean_files for e in read_examples(path)]
+    p_value = lambda rows, clean_rows: (1 + (clean_rows[None, :] <= rows[:, None]).sum(1)) / (len(clean_rows) + 1)
+    pooled = scheduler.score(upload + clean).unshifted_mu
+    expected = p_value(pooled[:len(upload)], pooled[len(upload):])
     summary = apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "cut.jsonl", histogram=False,
-                              calibrate_on=[str(path) for path in clean], flag_rate=rate)
-    assert summary.cut.threshold == pytest.approx(min(mu), abs=1e-5)
-    assert summary.cut.lookup_threshold == pytest.approx(min(lookup), abs=1e-9)
+                              calibrate_on=[str(path) for path in clean_files], flag_rate=rate)
     written = read(tmp_path / "cut.jsonl")
+    np.testing.assert_allclose([row["clean_p_value"] for row in written], expected, rtol=0, atol=1e-9)
+    in_python = scheduler.clean_p_values(read(data_dir / "demo.jsonl"), [row for f in clean_files for row in read(f)])
+    np.testing.assert_allclose(in_python, expected, rtol=0, atol=1e-9)  # rows of any schema, as in the README
     flagged = np.array([row["flagged"] for row in written])
     assert flagged.dtype == bool and flagged.any() and not flagged.all()
-    unshifted = np.array([row["unshifted_mu"] for row in written])
-    np.testing.assert_array_equal(flagged, unshifted < summary.cut.threshold)
-    # the score the cut reads is what the set would get without the scoring shift, however much of it the set got
-    np.testing.assert_allclose(unshifted, NeuralScheduler.load(checkpoint, scoring_shift=0).score(
-        read(data_dir / "demo.jsonl")).mu, rtol=0, atol=1e-5)
-    assert not np.allclose(unshifted, [row["posterior_mu"] for row in written], atol=1e-2)
+    np.testing.assert_array_equal(flagged, expected <= rate)
+    apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "plain.jsonl", histogram=False)
+    plain = read(tmp_path / "plain.jsonl")
+    assert [{k: v for k, v in row.items() if k not in ("clean_p_value", "flagged")} for row in written] == plain
+    assert not np.allclose([row["unshifted_mu"] for row in plain], pooled[:len(upload)], atol=1e-3)  # two scorings
+    # the score the p-value reads is what the set would get without the scoring shift, however much of it the set got
+    np.testing.assert_allclose([row["unshifted_mu"] for row in plain], NeuralScheduler.load(
+        checkpoint, scoring_shift=0).score(upload).mu, rtol=0, atol=1e-5)
     harmful = np.array([row["label"] == "harmful" for row in written])
     check = summary.label_check["scheduler"]
     assert (check["caught_at_matched"], check["benign_flagged_at_matched"]) == (flagged[harmful].mean(),
                                                                                 flagged[~harmful].mean())
+    lookup = p_value(scheduler.lookup_probability(scheduler.embed(upload).prompts),
+                     scheduler.lookup_probability(scheduler.embed(clean).prompts)) <= rate
+    assert summary.label_check["alignment look-up (baseline, same rows)"]["caught_at_matched"] == lookup[harmful].mean()
     text = str(summary)
     assert f"flagged for removal (column 'flagged'): {flagged.sum()} rows" in text
-    assert "calibrated on benign_cooking.jsonl, benign_sentiment.jsonl: 2 clean set(s) of 80 rows" in text
+    assert "whose clean_p_value is at most 10.0%: each set was scored with its clean rows (80 from " \
+           "benign_cooking.jsonl, benign_sentiment.jsonl)" in text
     assert f"at its cut: harmful rows flagged {flagged[harmful].mean():.1%}" in text
-    with pytest.raises(DataError, match=r"benign_cooking.jsonl: 40 clean rows cannot fit a cut that flags at most "
-                                        r"2.0% of new rows; calibrate_on needs at least 49 rows per set"):
-        apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "x.jsonl", calibrate_on=str(clean[0]),
+    with pytest.raises(DataError, match=r"benign_cooking.jsonl\): 40 clean rows cannot fit a cut that flags at most "
+                                        r"2.0% of new rows; each scored set needs at least 49 clean rows"):
+        apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "x.jsonl", calibrate_on=str(clean_files[0]),
                         flag_rate=0.02)
     assert not (tmp_path / "x.jsonl").exists()
-    assert "caught_at_matched" in summary.label_check["alignment look-up (baseline, same rows)"]
+    cut = float(np.median([row["unshifted_mu"] for row in plain]))
     given = apply_scheduler(checkpoint, data_dir / "demo.jsonl", tmp_path / "given.jsonl", histogram=False,
-                            flag_below=summary.cut.threshold)
-    assert [row["flagged"] for row in read(tmp_path / "given.jsonl")] == flagged.tolist()
+                            flag_below=cut)
+    assert [row["flagged"] for row in read(tmp_path / "given.jsonl")] == [row["unshifted_mu"] < cut for row in plain]
     assert "caught_at_matched" not in given.label_check["alignment look-up (baseline, same rows)"]  # no clean files
+
+
+def test_calibrate_on_with_group_by_scores_each_group_with_its_own_clean_rows(trained, data_dir, tmp_path):
+    """With `group_by`, each group of the input is scored with the clean rows of the same group (from every clean
+    file; other groups' clean rows are not read), and a group without enough clean rows of its own stops the run."""
+    from scheduler.apply import apply_scheduler
+    from scheduler.data.io import DataError
+
+    checkpoint, rate = trained / "scheduler.ckpt", 0.1
+    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]
+    rows = [{**row, "task": "a" if i % 2 else "b"} for i, row in enumerate(read(data_dir / "demo.jsonl"))]
+    clean = {"a": read(data_dir / "benign_cooking.jsonl"), "b": read(data_dir / "benign_sentiment.jsonl")}
+    tagged = {name: [{**row, "task": name} for row in group] for name, group in clean.items()}
+    spare = [{**row, "task": "c"} for row in read(data_dir / "benign_cooking.jsonl")[:5]]
+    write_jsonl(tmp_path / "clean.jsonl", tagged["a"][:20] + spare + tagged["b"])
+    write_jsonl(tmp_path / "more.jsonl", tagged["a"][20:])
+    summary = apply_scheduler(checkpoint, write_jsonl(tmp_path / "mixed.jsonl", rows), tmp_path / "out.jsonl",
+                              histogram=False, group_by="task", flag_rate=rate,
+                              calibrate_on=[str(tmp_path / "clean.jsonl"), str(tmp_path / "more.jsonl")])
+    assert "each set was scored with its clean rows (80 from clean.jsonl, more.jsonl)" in str(summary)
+    written = read(tmp_path / "out.jsonl")
+    scheduler = NeuralScheduler.load(checkpoint)
+    for name, group in clean.items():
+        members = [row for row in rows if row["task"] == name]
+        pooled = scheduler.score(members + group).unshifted_mu
+        expected = (1 + (pooled[len(members):][None, :] <= pooled[:len(members), None]).sum(1)) / (len(group) + 1)
+        got = [row["clean_p_value"] for row in written if row["task"] == name]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+    with pytest.raises(DataError, match=r"group 'a' \(group_by=task\): 20 clean rows cannot fit a cut that flags at "
+                                        r"most 4.0% of new rows; each scored set needs at least 24"):
+        apply_scheduler(checkpoint, tmp_path / "mixed.jsonl", tmp_path / "x.jsonl", group_by="task",
+                        calibrate_on=str(tmp_path / "clean.jsonl"), flag_rate=0.04)
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_the_cut_benchmark_reads_each_cut_on_the_same_splits(trained, data_dir, capsys):
+    """`python -m scheduler.benchmark cut`: every task, source, split, ratio and cut gets a reading, and the splits'
+    benign rows are the same at every ratio: the look-up, which reads no set, flags the same share of them."""
+    from scheduler.benchmark import bench_cut
+    from scheduler.data.io import DataError
+
+    harmful = [str(data_dir / "harmful.jsonl")]
+    found = bench_cut(str(trained / "scheduler.ckpt"), [str(data_dir / "benign_cooking.jsonl")], harmful, 2,
+                      [0.1, 0.3], 0.1)
+    assert len(found) == 1 * 1 * 2 * 2 * 3
+    assert all(0 <= r["caught_at_matched"] <= 1 and 0 <= r["benign_flagged_at_matched"] <= 1 for r in found)
+    lookup = {(r["task"], r["split"], r["ratio"]): r["benign_flagged_at_matched"] for r in found
+              if r["method"] == "alignment look-up"}
+    assert all(lookup[task, split, 0.1] == lookup[task, split, 0.3] for task, split, _ in lookup)
+    assert "calibrate_on (clean rows inside the set)" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"benign_sentiment.jsonl: \d+ rows the checkpoint did not train on; .* at least 18"):
+        bench_cut(str(trained / "scheduler.ckpt"), [str(data_dir / "benign_sentiment.jsonl")], harmful, 1, [0.1], 0.1)
 
 
 def test_checkpoint_loads_in_python_and_scores_any_schema(trained):

@@ -233,6 +233,27 @@ def test_each_fold_also_gets_a_cut_calibrated_on_its_own_clean_set():
     assert "calibrated_threshold" not in found["b", "p=0.1"] and "caught_at_calibrated" not in found["a", "p=0.0"]
 
 
+def test_a_set_is_scored_with_the_clean_rows_it_does_not_hold():
+    """`with_clean_rows`: the set's own rows first, then the clean set's rows it does not already hold, in order,
+    with their embeddings; None for the clean set itself and when fewer than 33 clean rows would be left."""
+    from scheduler.data.datamodule import EmbeddedSet
+    from scheduler.validate import with_clean_rows
+
+    def embedded(name, numbers):
+        examples = [Example(f"prompt {i}", f"answer {i}", {"id": str(i)}) for i in numbers]
+        column = torch.tensor(numbers, dtype=torch.float32)[:, None]
+        return EmbeddedSet(name, examples, column, -column, torch.tensor(numbers), torch.zeros(len(numbers)))
+
+    clean, upload = embedded("p=0.0", list(range(40))), embedded("p=0.1", [50, 3, 7, 51])
+    joined = with_clean_rows(upload, clean)
+    kept = [i for i in range(40) if i not in (3, 7)]
+    assert [e.row["id"] for e in joined.examples] == [str(i) for i in [50, 3, 7, 51, *kept]]
+    assert joined.prompts[:, 0].tolist() == [50, 3, 7, 51, *kept] and joined.responses[:, 0].tolist() == [
+        -i for i in [50, 3, 7, 51, *kept]]
+    assert joined.joint is None and with_clean_rows(clean, clean) is None and with_clean_rows(upload, None) is None
+    assert with_clean_rows(embedded("p=0.3", list(range(8))), clean) is None  # 32 clean rows left: too few at 3 %
+
+
 def test_a_cut_for_new_rows_flags_at_most_the_rate_in_expectation():
     """Split conformal: on n clean rows the cut is the k-th lowest, k = floor(rate * (n + 1)); a new row exchangeable
     with them lies below it with probability k / (n + 1), checked here by leaving each row out in turn."""
@@ -245,6 +266,25 @@ def test_a_cut_for_new_rows_flags_at_most_the_rate_in_expectation():
     assert rate == pytest.approx(6 / 200) and rate <= 0.03  # k = floor(0.03 * 200) = 6 of the 200 rows
     with pytest.raises(ValueError, match="a clean set of 20 rows cannot fit a cut .* at least 33 rows"):
         calibrated_threshold([np.arange(20.0)])
+
+
+def test_conformal_p_values_flag_the_rows_below_the_calibrated_cut():
+    """By hand: (1 + the clean scores at or below a score) / (n + 1). Flagging p <= rate flags exactly the rows below
+    `calibrated_threshold`'s cut on the same clean scores, and a clean row left out of the others is flagged with
+    probability floor(rate * (n + 1)) / (n + 1)."""
+    from scheduler.metrics import calibrated_threshold, conformal_p_values, flagged_at_rate
+
+    clean = np.array([3.0, 1.0, 2.0, 5.0])
+    np.testing.assert_allclose(conformal_p_values(clean, np.array([0.5, 1.0, 2.5, 9.0])), [0.2, 0.4, 0.6, 1.0])
+    np.testing.assert_array_equal(flagged_at_rate(np.array([0.2, 0.4, 0.2000001]), rate=0.2), [True, False, False])
+    rng = np.random.default_rng(1)
+    clean, scores = rng.normal(size=99), rng.normal(size=500)
+    for rate in (0.03, 0.1, 0.25):
+        np.testing.assert_array_equal(flagged_at_rate(conformal_p_values(clean, scores), rate),
+                                      scores < calibrated_threshold([clean], rate))
+    clean = rng.normal(size=200)
+    left_out = [flagged_at_rate(conformal_p_values(np.delete(clean, i), clean[i:i + 1]))[0] for i in range(200)]
+    assert np.mean(left_out) == pytest.approx(6 / 200)  # k = floor(0.03 * 200) = 6 of the 200 rows
 
 
 def test_per_ratio_table_by_hand():
@@ -390,6 +430,9 @@ def test_validation_command_end_to_end_and_each_design_reproduces_alone(data_dir
         if method == "default@shift=0":
             assert kept[fold, set_name, "default@shift=9"] >= kept[fold, set_name, method]
     assert not (tmp_path / "both" / "row_weights.jsonl").exists()
+    # a clean set of 20 rows leaves fewer than the 33 rows a cut at 3 % needs beside any set: no such reading
+    assert not any("caught_at_clean_inside" in r for r in results) and np.isnan(
+        table[0]["caught_at_clean_inside_p0.1_mean"])
     _, alone = run("[default]", tmp_path / "alone", "row_weights=true")
     pick = lambda rows: [(r["fold"], r["set"], r["auroc"], r["benign_kept"]) for r in rows if r["method"] == "default"]
     assert pick(alone) == pick(results)
