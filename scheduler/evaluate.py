@@ -307,7 +307,9 @@ def matched_report(matched: list[dict]) -> list[str]:
     for calibration, heading in (("every task", "one threshold per method that keeps 97 % of benign rows on every "
                                                 "clean set"),
                                  ("own task", "a threshold per method and set, calibrated on one clean set of its "
-                                              "task for new rows (`apply_scheduler.py calibrate_on`)")):
+                                              "task scored apart, for new rows (`apply_scheduler.py calibrate_on` "
+                                              "scores the clean rows inside the set: `python -m scheduler.benchmark "
+                                              "cut`)")):
         rows = [r for r in matched if r["calibration"] == calibration]
         if not rows:
             parts += [f"Not measured at {heading}: its clean sets are too small (at {BENIGN_FLAG_RATE * 100:g} %, "
