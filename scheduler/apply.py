@@ -274,7 +274,8 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
         columns["flagged"] = columns["unshifted_mu"] < flag_below
         cut = Cut(f"with unshifted_mu below {flag_below:.4g} (given: flag_below)")
     elif clean:
-        columns["clean_p_value"], lookup_p_value = clean_p_values(scheduler, embeddings, examples, members, clean, chunk)
+        columns["clean_p_value"], lookup_p_value = clean_p_values_per_set(scheduler, embeddings, examples, members,
+                                                                          clean, chunk)
         columns["flagged"] = flagged_at_rate(columns["clean_p_value"], flag_rate)
         cut = Cut(f"whose clean_p_value is at most {flag_rate:.1%}: each set was scored with its clean rows "
                   f"({sum(map(len, clean.values()))} from {', '.join(path.name for path in calibration_paths)}), "
@@ -329,7 +330,7 @@ def clean_rows_per_set(paths: list[Path], group_by: str | None, members: dict[st
     return clean
 
 
-def clean_p_values(scheduler: NeuralScheduler, embeddings: RowEmbeddings, examples: list[Example],
+def clean_p_values_per_set(scheduler: NeuralScheduler, embeddings: RowEmbeddings, examples: list[Example],
                    members: dict[str, list[int]], clean: dict[str, list[Example]],
                    chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's `clean_p_value`, its set scored with its clean rows, and the alignment look-up's p-value against the

@@ -147,7 +147,8 @@ def bench_cut(checkpoint: str, tasks: list[str], sources: list[str], splits: int
             for split in range(splits):
                 rng = random.Random(split)
                 benign = rng.sample(pool, min(380, len(pool)))
-                clean, rest = benign[:min(200, len(benign) // 2)], benign[min(200, len(benign) // 2):]
+                half = min(200, len(benign) // 2)
+                clean, rest = benign[:half], benign[half:]
                 clean_emb, clean_texts = scheduler.embed(clean), RowTexts.of(clean)
                 apart = calibrated_threshold([scheduler.score_embeddings(*clean_emb, texts=clean_texts).unshifted_mu],
                                              rate)
@@ -168,16 +169,24 @@ def bench_cut(checkpoint: str, tasks: list[str], sources: list[str], splits: int
                                       **caught_when_flagged(labels, flagged, weights)})
             print(f"{Path(task).name}, {Path(source).name}: {len(pool)} unseen benign rows", flush=True)
     print(f"\n{len(tasks)} tasks x {len(sources)} sources x {splits} splits; each cut flags at {rate:.1%}")
+    print_cut_table(found)
+    return found
+
+
+def print_cut_table(found: list[dict]) -> None:
+    """Per ratio and cut, means over `bench_cut`'s readings, and the benign rows flagged on the worst task."""
+    import numpy as np
+
     print(f"{'ratio':>5}  {'cut':42s} {'caught':>7} {'benign flagged (worst task)':>28} {'harmful share left':>19}")
-    for ratio in ratios:
-        for method in cuts:
+    tasks = dict.fromkeys(r["task"] for r in found)
+    for ratio in dict.fromkeys(r["ratio"] for r in found):
+        for method in dict.fromkeys(r["method"] for r in found):
             rows = [r for r in found if r["ratio"] == ratio and r["method"] == method]
             mean = lambda key, task=None: np.mean([r[key] for r in rows if task in (None, r["task"])])
             worst = max(mean("benign_flagged_at_matched", task) for task in tasks)
             print(f"{ratio:5.2f}  {method:42s} {mean('caught_at_matched'):7.4f} "
                   f"{mean('benign_flagged_at_matched'):13.4f} ({worst:.4f}){'':6s} "
                   f"{mean('harmful_share_left_at_matched'):19.4f}")
-    return found
 
 
 def main() -> None:
