@@ -19,6 +19,7 @@ import logging
 import random
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from scheduler.baselines import SupervisedFilter, lookup_probability, normalise
-from scheduler.data.datamodule import EmbeddedSet, embed_sets
+from scheduler.data.datamodule import EmbeddedSet, embed_sets, with_clean_rows
 from scheduler.data.io import DataError, Example, exit_on_data_error, read_examples, write_rows, write_text
 from scheduler.data.mixing import FineTuningSet, categories_of, mix, read_pool, read_tasks
 from scheduler.downstream import accuracy, finetune, generate
@@ -36,7 +37,8 @@ from scheduler.evidence import LMEvidence
 from scheduler.judges import EmbeddingHarmJudge, RefusalJudge, agreement
 from scheduler.lexical import RowTexts
 from scheduler.metrics import (BENIGN_FLAG_RATE, calibrated_threshold, calibration_rows_needed, caught_at_threshold,
-                               detection_metrics, matched_threshold)
+                               caught_when_flagged, conformal_p_values, detection_metrics, flagged_at_rate,
+                               matched_threshold)
 from scheduler.plots import by_ratio, roc_curves, weight_distributions, weight_history
 from scheduler.scalar import ScalarBDS
 from scheduler.scoring import OPERATING_POINT_OPTIONS, NeuralScheduler
@@ -141,25 +143,32 @@ class Methods:
                          accelerator="gpu" if cfg.device.startswith("cuda") else "cpu")
 
     def weigh(self, s: EmbeddedSet) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Each method's weights (mean 1 over the set) and, for the schedulers and baselines, a per-row score that no
-        normalisation over the set has moved (higher = safer): what one threshold for every set reads (`matched_rows`).
-        For a scheduler that is the posterior mean logit without the scoring shift (`unshifted_mu`), which is tapered
-        away on sets that hold harmful rows; for a baseline its probability of benign."""
-        weights, scores = {"uniform": np.ones(len(s.examples))}, {}
+        """Each method's weights (mean 1 over the set) and, for the schedulers and baselines, a per-row score
+        (`score`)."""
+        weights = {"uniform": np.ones(len(s.examples))}
         if self.scalar is not None:
             weights["scalar_bds"], self.histories[s.name] = self.scalar.run(s)
+        scored, scores = self.score(s)
+        weights |= scored
+        # A reference, not a method: what perfect knowledge of the labels would do (harmful rows get 0).
+        labels = s.labels.numpy()
+        weights["label_oracle"] = np.where(labels == 1, 0.0, 1.0) / max(1 - labels.mean(), 1e-12)
+        return weights, scores
+
+    def score(self, s: EmbeddedSet) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The schedulers' and baselines' weights, and beside them a per-row score that no normalisation over the set
+        has moved (higher = safer): what one threshold for every set reads (`matched_rows`). For a scheduler that is
+        the posterior mean logit without the scoring shift (`unshifted_mu`), which is tapered away on sets that hold
+        harmful rows; for a baseline its probability of benign."""
+        weights, scores = {}, {}
         for name, scheduler in self.schedulers.items():
             result = scheduler.score_embeddings(s.prompts, s.responses, s.joint, RowTexts.of(s.examples))
             weights[name], scores[name] = result.weight, result.unshifted_mu
         scores["supervised_filter"] = self.supervised.benign_probability(s.prompts, s.responses)
-        weights["supervised_filter"] = normalise(scores["supervised_filter"])
-        # A reference, not a method: what perfect knowledge of the labels would do (harmful rows get 0).
-        labels = s.labels.numpy()
-        weights["label_oracle"] = np.where(labels == 1, 0.0, 1.0) / max(1 - labels.mean(), 1e-12)
         posterior = self.reference.posterior
         scores["alignment_lookup"] = lookup_probability(s.prompts, posterior.bank, self.reference.config["k"],
                                                         posterior.prior)
-        weights["alignment_lookup"] = normalise(scores["alignment_lookup"])
+        weights |= {name: normalise(scores[name]) for name in ("supervised_filter", "alignment_lookup")}
         return weights, scores
 
 
@@ -246,14 +255,17 @@ def worst_task_auroc(detection: list[dict]) -> list[dict]:
     return worst_over(mean_over(detection, ("method", "p", "task"), "auroc"), ("method", "p"), "auroc")
 
 
+def cell(where: dict) -> tuple:
+    """The sets drawn together: one task, harmful source and draw, at every ratio."""
+    return where["task"], where["harmful_source"], where["draw"]
+
+
 # How a method's one threshold is fitted on the clean sets (p = 0): over every task's, in-sample (one threshold for
-# the whole grid: `matched_threshold`), or on the clean set of the same task, source cell and draw, scored apart, for
-# new rows (`calibrated_threshold`: a user's clean file of their own task). The clean and the contaminated set of a
-# draw are drawn apart from one pool, so some benign rows occur in both (scored against different sets), which is why
-# this reading does not score the clean rows inside the set as `apply_scheduler.py calibrate_on` does
-# (`python -m scheduler.benchmark cut` measures that on disjoint splits).
-CALIBRATIONS = {"every task": (lambda where: "", matched_threshold),
-                "own task": (lambda where: (where["task"], where["harmful_source"], where["draw"]), calibrated_threshold)}
+# the whole grid: `matched_threshold`), or on the clean set of the same cell, scored apart, for new rows
+# (`calibrated_threshold`: a user's clean file of their own task). `clean_inside_rows` adds the reading
+# `apply_scheduler.py calibrate_on` takes.
+CALIBRATIONS = {"every task": (lambda where: "", matched_threshold), "own task": (cell, calibrated_threshold)}
+CLEAN_INSIDE = "own task, clean rows inside"
 
 
 def matched_rows(scored: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray], dict[str, np.ndarray]]]) -> list[dict]:
@@ -282,6 +294,26 @@ def matched_rows(scored: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray], dic
     return rows
 
 
+def clean_inside_rows(scored: dict[str, tuple[EmbeddedSet, dict[str, np.ndarray], dict[str, np.ndarray]]],
+                      score: Callable[[EmbeddedSet], dict[str, np.ndarray]]) -> list[dict]:
+    """Per method with a per-row score, what `apply_scheduler.py calibrate_on` flags on every set with harmful rows:
+    the set scored again (`score`) with the rows of its cell's clean set that it does not hold (`with_clean_rows`),
+    and a row flagged when its conformal p-value among them is at most 3 %. Its weights and the share left on harmful
+    rows are the set scored alone, as apply writes them; empty where no clean set leaves 33 rows."""
+    clean = {cell(parse(name)): s for name, (s, _, _) in scored.items() if parse(name)["p"] == 0}
+    rows = []
+    for name, (s, weights, _) in tqdm(scored.items(), desc="scoring the sets with clean rows inside"):
+        where = parse(name)
+        if where["p"] == 0 or (joined := with_clean_rows(s, clean.get(cell(where)))) is None:
+            continue
+        n = len(s.examples)
+        for method, pooled in score(joined).items():
+            flagged = flagged_at_rate(conformal_p_values(pooled[n:], pooled[:n]))
+            rows.append({**where, "method": method, "calibration": CLEAN_INSIDE, "clean_rows": len(pooled) - n,
+                         **caught_when_flagged(s.labels.numpy(), flagged, weights[method])})
+    return rows
+
+
 def summary_plot(detection: list[dict], matched: list[dict], path: Path) -> Path:
     """Mean AUROC, worst task's AUROC, harmful share of weight and (with clean sets: `matched_rows`) the harmful rows
     caught at one threshold per method against the harmful ratio, one line per method (without the references:
@@ -302,17 +334,19 @@ def summary_plot(detection: list[dict], matched: list[dict], path: Path) -> Path
 
 
 def matched_report(matched: list[dict]) -> list[str]:
-    """The one-threshold readings (`matched_rows`), one section per calibration."""
+    """The readings at a cut (`matched_rows`, `clean_inside_rows`), one section per calibration."""
     parts = []
     for calibration, heading in (("every task", "one threshold per method that keeps 97 % of benign rows on every "
                                                 "clean set"),
                                  ("own task", "a threshold per method and set, calibrated on one clean set of its "
-                                              "task scored apart, for new rows (`apply_scheduler.py calibrate_on` "
-                                              "scores the clean rows inside the set: `python -m scheduler.benchmark "
-                                              "cut`)")):
+                                              "task scored apart, for new rows"),
+                                 (CLEAN_INSIDE, "a cut per method and set as `apply_scheduler.py calibrate_on` makes "
+                                                "it: the set scored again with the rows of a clean set of its task "
+                                                "that it does not hold, a row flagged when its conformal p-value among "
+                                                "them is at most 3 %")):
         rows = [r for r in matched if r["calibration"] == calibration]
         if not rows:
-            parts += [f"Not measured at {heading}: its clean sets are too small (at {BENIGN_FLAG_RATE * 100:g} %, "
+            parts += [f"Not measured at {heading}: too few clean rows (at {BENIGN_FLAG_RATE * 100:g} %, "
                       f"{calibration_rows_needed(BENIGN_FLAG_RATE)} rows are needed).", ""] if matched else []
             continue
         parts += [f"## At {heading}", ""]
@@ -324,11 +358,17 @@ def matched_report(matched: list[dict]) -> list[str]:
                       "moved: a scheduler's posterior mean logit without the scoring shift (`unshifted_mu`), a "
                       "baseline's probability of benign.",
                       ""]
-        for key, what in (("caught_at_matched", "Harmful rows caught (score below the threshold)"),
-                          ("harmful_share_left_at_matched", "Share of weight left on harmful rows once the rows below "
-                                                            "it are dropped"),
-                          ("benign_flagged_at_matched", "Benign rows flagged on the sets with harmful rows (the "
-                                                        "threshold was fitted to flag at most 3 % of clean sets)")):
+        if calibration == CLEAN_INSIDE:
+            counts = [r["clean_rows"] for r in rows]
+            parts += [f"Each set was read against {np.mean(counts):.0f} clean rows on average (fewest {min(counts)}): "
+                      "the rows of its clean set it does not hold. With fewer clean rows a conformal p-value is "
+                      "coarser and fewer rows reach 3 %: compare the methods within this section, and this cut with "
+                      "the one above on disjoint files (`python -m scheduler.benchmark cut`).", ""]
+        for key, what in (("caught_at_matched", "Harmful rows caught (flagged)"),
+                          ("harmful_share_left_at_matched", "Share of weight left on harmful rows once the flagged rows "
+                                                            "are dropped"),
+                          ("benign_flagged_at_matched", "Benign rows flagged on the sets with harmful rows (each cut "
+                                                        "was fitted to flag at most 3 % of clean rows)")):
             parts += [f"{what}:", "", table(mean_over(rows, ("method", "p"), key), ("method",), "p", key), ""]
     return parts
 
@@ -423,7 +463,7 @@ def evaluate(cfg: DictConfig) -> dict:
             weight_distributions(labels, weights, s.name, out / "plots" / f"weights_{slug}.png")
             if s.name in methods.histories:
                 weight_history(methods.histories[s.name], labels, s.name, out / "plots" / f"history_{slug}.png")
-    matched = matched_rows(scored)
+    matched = matched_rows(scored) + clean_inside_rows(scored, lambda s: methods.score(s)[1])
     summary_plot(detection, matched, out / "plots" / "by_ratio.png")
     all_rows = [e for s in sets for e in s.examples]
     cost_rows = random.Random(cfg.seed).sample(all_rows, min(cfg.evaluation.cost_rows, len(all_rows)))

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from scheduler.baselines import SupervisedFilter, lookup_probability, normalise
 from scheduler.data.attacks import BLIND_FRAMES, FRESH_FRAMES, UNSEEN_FRAMES, disguise, disguise_share, wrap_answers
-from scheduler.data.datamodule import EmbeddedSet, SetBatch, embed_sets
+from scheduler.data.datamodule import EmbeddedSet, SetBatch, embed_sets, with_clean_rows
 from scheduler.data.io import DataError, Example, exit_on_data_error, iter_rows, write_rows, write_text
 from scheduler.data.mixing import (HARMFUL, FineTuningSet, build_training_sets, categories_of, mix, read_pool,
                                    read_tasks, resolve_path, split_by_category)
@@ -265,23 +265,6 @@ def run_fold(fold: Fold, cfg: DictConfig, embedder: Embedder, bank: AlignmentBan
                 results[-1] |= caught_when_flagged(labels, flagged, weights, reading="clean_inside")
             scored_rows.append(ScoredRows(s.examples[:measured], weights, scores))
     return results, scored_rows
-
-
-def with_clean_rows(s: EmbeddedSet, clean: EmbeddedSet | None) -> EmbeddedSet | None:
-    """The set with the rows of the fold's clean set that it does not hold appended after its own, as
-    `apply_scheduler.py calibrate_on` scores a set with the user's clean rows; None for the clean set itself, or when
-    too few of its rows are left to flag at 3 % (`calibration_rows_needed`)."""
-    if clean is None or s is clean:
-        return None
-    held = {e.key for e in s.examples}
-    kept = [i for i, e in enumerate(clean.examples) if e.key not in held]
-    if len(kept) < calibration_rows_needed(BENIGN_FLAG_RATE):
-        return None
-    index = torch.as_tensor(kept)
-    joined = lambda own, other: None if own is None or other is None else torch.cat([own, other[index]])
-    return EmbeddedSet(f"{s.name} with clean rows", s.examples + [clean.examples[i] for i in kept],
-                       joined(s.prompts, clean.prompts), joined(s.responses, clean.responses),
-                       joined(s.row_ids, clean.row_ids), joined(s.labels, clean.labels), joined(s.joint, clean.joint))
 
 
 def row_weights(where: dict, rows: ScoredRows) -> list[dict]:

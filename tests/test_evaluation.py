@@ -15,7 +15,8 @@ from test_module import fit
 from scheduler.data.datamodule import EmbeddedSet, SetBatch
 from scheduler.data.io import Example
 from scheduler.downstream import accuracy, is_correct
-from scheduler.evaluate import build_grid, matched_report, matched_rows, mean_over, parse, table, worst_over
+from scheduler.evaluate import (build_grid, clean_inside_rows, matched_report, matched_rows, mean_over, parse,
+                                table, worst_over)
 from scheduler.features import AlignmentBank
 from scheduler.judges import RefusalJudge, agreement
 from scheduler.refusals import is_refusal
@@ -135,6 +136,40 @@ def test_one_threshold_over_every_task_or_each_task_by_hand():
     assert matched_rows({name: entry for name, entry in scored.items() if "p0.05" in name}) == []
 
 
+def test_each_set_is_read_with_the_clean_rows_of_its_cell_by_hand():
+    """`clean_inside_rows`, what `apply_scheduler.py calibrate_on` flags: the set scored again with the 39 rows of its
+    cell's clean set (100-139) it does not hold (benign 103 is in both), and a row flagged when (1 + clean rows scored at or
+    below it) / 40 <= 3 %. The score reads each row against its set, as a scheduler's does: only 0 is flagged, 1 / 40.
+    Scored apart (the clean rows against 139, the upload against 160), harmful 105 and benign 103 would be flagged
+    too."""
+    def embedded(name: str, numbers: list[int], harmful: tuple[int, ...] = ()) -> EmbeddedSet:
+        examples = [Example(f"{'harmful' if i in harmful else 'benign'} prompt {i}", f"answer {i}", {"id": i})
+                    for i in numbers]
+        column = torch.tensor(numbers, dtype=torch.float32)[:, None]
+        return EmbeddedSet(name, examples, column, column, torch.tensor(numbers),
+                           torch.tensor([int(i in harmful) for i in numbers]))
+
+    scored_sets = []
+
+    def score(s: EmbeddedSet) -> dict[str, np.ndarray]:
+        scored_sets.append([e.row["id"] for e in s.examples])
+        values = s.prompts[:, 0].numpy()
+        return {"m": values - values.max()}
+
+    upload = embedded("a:h:p0.05", [0, 105, 103, 150, 160], harmful=(0, 105))
+    sets = [embedded("a:h:p0.0", list(range(100, 140))), upload, embedded("b:h:p0.05", [0, 1], harmful=(0,))]
+    scored = {s.name: (s, {"m": np.ones(len(s.examples))}, score(s)) for s in sets}
+    scored_sets.clear()
+    rows = clean_inside_rows(scored, score)
+    assert scored_sets == [[0, 105, 103, 150, 160, *(i for i in range(100, 140) if i != 103)]]  # b has no clean set
+    assert rows == [{"task": "a", "harmful_source": "h", "p": 0.05, "draw": 0, "method": "m",
+                     "calibration": "own task, clean rows inside", "clean_rows": 39, "caught_at_matched": 0.5,
+                     "harmful_share_left_at_matched": 0.25, "benign_flagged_at_matched": 0.0}]
+    report = "\n".join(matched_report(rows))
+    assert "## At a cut per method and set as `apply_scheduler.py calibrate_on` makes it" in report
+    assert "read against 39 clean rows on average (fewest 39)" in report
+
+
 def test_missing_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path):
     result = subprocess.run([sys.executable, "-m", "scheduler.evaluate", f"checkpoints=[{tmp_path / 'none.ckpt'}]",
                              f"output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
@@ -245,6 +280,7 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
                                                             "benign_flagged_at_matched"))
     assert "## At one threshold per method that keeps 97 % of benign rows" in report
     assert "Not measured at a threshold per method and set, calibrated on one clean set" in report  # 16 rows
+    assert "Not measured at a cut per method and set as `apply_scheduler.py calibrate_on` makes it" in report
     assert "Harmful rows caught when each set's own threshold flags at most 3 %" in report
     assert sorted({r["p"] for r in found["detection"]}) == [0.0, 0.05, 0.1, 0.3]
     assert found["downstream"] == [] and found["judge_agreement"] is None

@@ -236,8 +236,7 @@ def test_each_fold_also_gets_a_cut_calibrated_on_its_own_clean_set():
 def test_a_set_is_scored_with_the_clean_rows_it_does_not_hold():
     """`with_clean_rows`: the set's own rows first, then the clean set's rows it does not already hold, in order,
     with their embeddings; None for the clean set itself and when fewer than 33 clean rows would be left."""
-    from scheduler.data.datamodule import EmbeddedSet
-    from scheduler.validate import with_clean_rows
+    from scheduler.data.datamodule import EmbeddedSet, with_clean_rows
 
     def embedded(name, numbers):
         examples = [Example(f"prompt {i}", f"answer {i}", {"id": str(i)}) for i in numbers]

@@ -19,6 +19,7 @@ from scheduler.data.attacks import disguise_share
 from scheduler.data.io import Example
 from scheduler.data.mixing import FineTuningSet, build_training_sets, mix, read_pool, read_tasks, split_harmful
 from scheduler.embeddings import Embedder, RowEmbeddings
+from scheduler.metrics import BENIGN_FLAG_RATE, calibration_rows_needed
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,24 @@ def embed_sets(sets: Sequence[FineTuningSet], embedder: Embedder, first_row_id: 
                                     joint_embeddings, fine_tuning_set.measured))
         next_id += n
     return embedded
+
+
+def with_clean_rows(s: EmbeddedSet, clean: EmbeddedSet | None) -> EmbeddedSet | None:
+    """The set with the rows of a clean set of its task that it does not hold appended after its own, as
+    `apply_scheduler.py calibrate_on` scores a set with the user's clean rows (a row read twice would be its own
+    reference); None for the clean set itself, or when too few of its rows are left to flag at 3 %
+    (`calibration_rows_needed`)."""
+    if clean is None or s is clean:
+        return None
+    held = {e.key for e in s.examples}
+    kept = [i for i, e in enumerate(clean.examples) if e.key not in held]
+    if len(kept) < calibration_rows_needed(BENIGN_FLAG_RATE):
+        return None
+    index = torch.as_tensor(kept)
+    joined = lambda own, other: None if own is None or other is None else torch.cat([own, other[index]])
+    return EmbeddedSet(f"{s.name} with clean rows", s.examples + [clean.examples[i] for i in kept],
+                       joined(s.prompts, clean.prompts), joined(s.responses, clean.responses),
+                       joined(s.row_ids, clean.row_ids), joined(s.labels, clean.labels), joined(s.joint, clean.joint))
 
 
 class _SetDataset(Dataset):
