@@ -15,7 +15,8 @@ def main(cfg: DictConfig) -> None:
                                   group_by=cfg.group_by, withhold_below=cfg.withhold_below,
                                   withhold_block=cfg.withhold_block, withhold_spares_refusals=cfg.withhold_spares_refusals,
                                   show_lowest=cfg.show_lowest, calibrate_on=cfg.calibrate_on,
-                                  flag_rate=cfg.flag_rate, flag_below=cfg.flag_below)
+                                  flag_rate=cfg.flag_rate, flag_below=cfg.flag_below,
+                                  score_unreadable=cfg.score_unreadable)
     print(summary)
 
 

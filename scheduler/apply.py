@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from scheduler.baselines import normalise
+from scheduler.data.encodings import reads_as_english
 from scheduler.data.io import DataError, Example, iter_rows, to_example, write_rows
 from scheduler.embeddings import RowEmbeddings
 from scheduler.lexical import RowTexts
@@ -21,6 +23,7 @@ from scheduler.scoring import NeuralScheduler
 
 SMALL_SET = 50  # rows: validation measured sets of 50 to 1,000 rows; the set's own evidence is thin below
 GROUPS_SHOWN = 20
+UNREADABLE_SHOWN = 10  # row numbers listed in the warning about rows that read as no English
 LOOKUP = "alignment look-up (baseline, same rows)"
 PROMPT_SHOWN = 80  # characters of a flagged row's prompt in the summary
 # A set whose expected harmful fraction reaches this reads mostly harmful. Weights have mean 1 within a set, so they
@@ -89,6 +92,9 @@ class ApplySummary:
     lowest: list[FlaggedRow] = field(default_factory=list)
     cut: Cut | None = None
     flagged: int = 0
+    decoded: dict[str, int] = field(default_factory=dict)  # rows read decoded, per encoding
+    unreadable: list[int] = field(default_factory=list)  # row numbers (from 1) of rows that read as no English
+    score_unreadable: bool = False
 
     @property
     def rows(self) -> int:
@@ -127,6 +133,18 @@ class ApplySummary:
         if small := sum(s.rows < SMALL_SET for s in self.sets):
             text += (f"note: {small} set(s) have fewer than {SMALL_SET} rows; the set's own evidence is thin there "
                      f"(validated on sets of 50 to 1,000 rows)\n")
+        if self.decoded:
+            text += (f"read decoded (column 'decoded_from'): {sum(self.decoded.values())} rows written in an encoding ("
+                     + ", ".join(f"{name}: {count}" for name, count in self.decoded.items()) + "); a service that does "
+                     "not expect encoded text should review them\n")
+        if self.unreadable:
+            shown = ", ".join(map(str, self.unreadable[:UNREADABLE_SHOWN]))
+            treated = ("scored as any row (score_unreadable), so their weights say nothing about them"
+                       if self.score_unreadable else "given weight 0 where their set holds English rows, and flagged "
+                       "by a cut (score_unreadable=true scores them)")
+            text += (f"warning: {len(self.unreadable)} rows read as no English (rows {shown}"
+                     f"{', ...' if len(self.unreadable) > UNREADABLE_SHOWN else ''}): the scheduler's evidence comes "
+                     f"from English text (a cipher it cannot decode reads like this); {treated}\n")
         if self.cut:
             text += (f"flagged for removal (column 'flagged'): {self.flagged} rows ({self.flagged / self.rows:.1%}) "
                      f"{self.cut.description}\n")
@@ -211,11 +229,15 @@ def embeddings_of(embeddings: RowEmbeddings, rows: list[int]) -> RowEmbeddings:
 
 
 def output_rows(examples: list[Example], columns: dict[str, np.ndarray]) -> list[dict]:
-    """Each input row unchanged, plus the weight columns (a plain-string row keeps its text)."""
+    """Each input row unchanged, plus the weight columns (a plain-string row keeps its text), and `decoded_from` where
+    any row was read decoded (`scheduler.data.encodings`)."""
+    decoded = any(example.encoding for example in examples)
     rows = []
     for i, example in enumerate(examples):
         row = dict(example.row)
         row.update({name: values[i].item() for name, values in columns.items()})
+        if decoded:
+            row["decoded_from"] = example.encoding
         rows.append(row)
     return rows
 
@@ -240,7 +262,8 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                     withhold_below: float | None = None,
                     withhold_block: Sequence[float] | None = None, withhold_spares_refusals: bool | None = None,
                     show_lowest: int = 5, calibrate_on: str | Path | Sequence[str | Path] | None = None,
-                    flag_rate: float = BENIGN_FLAG_RATE, flag_below: float | None = None) -> ApplySummary:
+                    flag_rate: float = BENIGN_FLAG_RATE, flag_below: float | None = None,
+                    score_unreadable: bool = False) -> ApplySummary:
     """Read, embed, score and write atomically; the input file is never modified.
 
     `scoring_shift`, `scoring_shift_taper`, `withhold_below`, `withhold_block` and `withhold_spares_refusals` override
@@ -253,10 +276,14 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     (all of them, or with `group_by` those of its group), which adds the column `clean_p_value`
     (`NeuralScheduler.clean_p_values_from_embeddings`), and `flagged`, true where it is at most `flag_rate`: at most
     that share of new clean rows like the user's are flagged in expectation, a known cost in benign rows. Or
-    `flag_below` flags the rows whose `unshifted_mu` lies below a cut of the user's own."""
+    `flag_below` flags the rows whose `unshifted_mu` lies below a cut of the user's own.
+    Rows that read as no English get weight 0 and are flagged, unless `score_unreadable`
+    (`NeuralScheduler.score_unreadable`)."""
     input_path, output_path = Path(input_path), Path(output_path)
     if isinstance(show_lowest, bool) or not isinstance(show_lowest, int) or show_lowest < 0:
         raise DataError(f"show_lowest: expected a whole number of rows >= 0; got {show_lowest!r}")
+    if not isinstance(score_unreadable, bool):
+        raise DataError(f"score_unreadable: expected true or false; got {score_unreadable!r}")
     calibration_paths = checked_cut_options(calibrate_on, flag_rate, flag_below)
     for path in (input_path, *calibration_paths):
         if output_path.resolve() == path.resolve():
@@ -267,6 +294,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     scheduler = NeuralScheduler.load(checkpoint, scoring_shift=scoring_shift, scoring_shift_taper=scoring_shift_taper,
                                      withhold_below=withhold_below, withhold_block=withhold_block,
                                      withhold_spares_refusals=withhold_spares_refusals)
+    scheduler.score_unreadable = score_unreadable
     embeddings = embed_in_chunks(scheduler, examples, chunk)
     columns, sets = score_sets(scheduler, embeddings, examples, groups)
     cut = None
@@ -281,6 +309,9 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                   f"({sum(map(len, clean.values()))} from {', '.join(path.name for path in calibration_paths)}), "
                   f"which flags at most {flag_rate:.1%} of new clean rows like them in expectation",
                   flagged_at_rate(lookup_p_value, flag_rate))
+    unreadable = np.array([not reads_as_english(e.prompt, e.response) for e in examples])
+    if cut and not score_unreadable:
+        columns["flagged"] = columns["flagged"] | unreadable
     write_rows(output_rows(examples, columns), output_path)
     weights = columns["weight"]
     hist = plot_histogram(weights, output_path.with_suffix(".hist.png")) if histogram else None
@@ -290,7 +321,9 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                         label_check(examples, columns, lambda: scheduler.lookup_probability(embeddings.prompts),
                                     cut and cut.lookup_flagged),
                         lowest_rows(examples, weights, show_lowest), cut,
-                        int(columns["flagged"].sum()) if cut else 0)
+                        int(columns["flagged"].sum()) if cut else 0,
+                        dict(Counter(e.encoding for e in examples if e.encoding)),
+                        (np.flatnonzero(unreadable) + 1).tolist(), score_unreadable)
 
 
 def checked_cut_options(calibrate_on: str | Path | Sequence[str | Path] | None, flag_rate: float,

@@ -163,7 +163,9 @@ class Methods:
         weights, scores = {}, {}
         for name, scheduler in self.schedulers.items():
             result = scheduler.score_embeddings(s.prompts, s.responses, s.joint, RowTexts.of(s.examples))
-            weights[name], scores[name] = result.weight, result.unshifted_mu
+            # as apply flags them: rows that read as no English lie below every cut (`NeuralScheduler.score_unreadable`)
+            unreadable = result.unreadable if not scheduler.score_unreadable else np.zeros(len(result.weight), bool)
+            weights[name], scores[name] = result.weight, np.where(unreadable, -np.inf, result.unshifted_mu)
         scores["supervised_filter"] = self.supervised.benign_probability(s.prompts, s.responses)
         posterior = self.reference.posterior
         scores["alignment_lookup"] = lookup_probability(s.prompts, posterior.bank, self.reference.config["k"],

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from scheduler.baselines import lookup_probability
+from scheduler.data.encodings import reads_as_english
 from scheduler.data.io import DataError, Example, examples_from_rows
 from scheduler.embeddings import Embedder, RowEmbeddings
 from scheduler.features import AlignmentBank, SetEvidence
@@ -47,6 +48,9 @@ class ScoreResult:
     # is tapered away on sets that hold harmful rows, so a cut on `mu` fitted on clean rows would flag most benign
     # rows of such a set.
     unshifted_mu: np.ndarray | None = None
+    # Rows that read as no English (`reads_as_english`; None when scored without their texts). Unless the scheduler
+    # scores them (`NeuralScheduler.score_unreadable`), their weight is 0.
+    unreadable: np.ndarray | None = None
 
     def columns(self) -> dict[str, np.ndarray]:
         return {"weight": self.weight, "weight_std": self.weight_std, "posterior_mu": self.mu,
@@ -80,6 +84,12 @@ def checked_taper(taper: Any, name: str = "scoring_shift_taper") -> list[float]:
 
 class NeuralScheduler:
     """A trained amortised scheduler, ready to weight any dataset."""
+
+    # False: a row that reads as no English gets weight 0 in a set that holds rows that do. The evidence comes from
+    # English text; a harmful row in a cipher no simple decoding undoes read as the safest row of its set (AUROC
+    # 0.0010 on Dolly sets, docs/validation.md, "Rows in a cipher"), and the benign rows that teach the cipher are
+    # as unreadable. True scores them as any row.
+    score_unreadable: bool = False
 
     def __init__(self, posterior: SetPosterior, config: dict[str, Any], embedder: Embedder | None = None):
         self.posterior = posterior.eval()
@@ -168,11 +178,16 @@ class NeuralScheduler:
         contrast reads; `needs_texts`)."""
         scored = self.posterior.score_set(prompts, responses, joint, texts)
         posterior = scored.posterior
-        weight, std = posterior_weights(posterior.mu, posterior.sigma, self.transform)
+        weight, std = (values.numpy() for values in posterior_weights(posterior.mu, posterior.sigma, self.transform))
+        unreadable = None if texts is None else np.array(
+            [not reads_as_english(prompt, response) for prompt, response in zip(texts.prompts, texts.responses)])
+        if unreadable is not None and not self.score_unreadable and 0 < unreadable.sum() < len(weight):
+            scale = len(weight) / weight[~unreadable].sum()  # mean 1 over the set again
+            weight, std = np.where(unreadable, 0.0, weight * scale), np.where(unreadable, 0.0, std * scale)
         moments = posterior.moments()
-        return ScoreResult(weight.numpy(), std.numpy(), moments.mu.numpy(), moments.sigma.numpy(),
-                           posterior.prior_mean.numpy(), scored.expected_harmful_fraction, scored.scoring_shift,
-                           scored.withheld, scored.unshifted_mu.numpy())
+        return ScoreResult(weight, std, moments.mu.numpy(), moments.sigma.numpy(), posterior.prior_mean.numpy(),
+                           scored.expected_harmful_fraction, scored.scoring_shift, scored.withheld,
+                           scored.unshifted_mu.numpy(), unreadable)
 
     @torch.no_grad()
     def lookup_probability(self, prompts: torch.Tensor) -> np.ndarray:

@@ -72,6 +72,47 @@ def test_summary_lists_the_rows_with_the_lowest_weights(trained, data_dir, tmp_p
     assert quiet.lowest == [] and "lowest weights" not in str(quiet)
 
 
+def test_a_row_in_a_cipher_is_scored_decoded_and_written_as_given(trained, data_dir, tmp_path):
+    """A row written in a Caesar shift gets the weight of the same row in plain text; the output keeps the text the
+    user gave, names the encoding in `decoded_from` (None on the other rows), and the summary counts it."""
+    from scheduler.apply import apply_scheduler
+    from scheduler.data.io import DataError
+
+    from test_io import PLAIN, caesar
+
+    rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
+    plain = write_jsonl(tmp_path / "plain.jsonl", rows + [{"prompt": PLAIN, "response": PLAIN}])
+    coded = write_jsonl(tmp_path / "coded.jsonl", rows + [{"prompt": caesar(PLAIN, 3), "response": caesar(PLAIN, 3)}])
+    summary = apply_scheduler(trained / "scheduler.ckpt", coded, tmp_path / "coded.out.jsonl", histogram=False)
+    apply_scheduler(trained / "scheduler.ckpt", plain, tmp_path / "plain.out.jsonl", histogram=False)
+    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]
+    written, reference = read(tmp_path / "coded.out.jsonl"), read(tmp_path / "plain.out.jsonl")
+    assert written[-1]["prompt"] == caesar(PLAIN, 3) and written[-1]["decoded_from"] == "caesar+3"
+    assert all(row["decoded_from"] is None for row in written[:-1]) and "decoded_from" not in reference[0]
+    assert [row["weight"] for row in written] == pytest.approx([row["weight"] for row in reference])
+    assert summary.decoded == {"caesar+3": 1} and summary.unreadable == []
+    assert "read decoded (column 'decoded_from'): 1 rows written in an encoding (caesar+3: 1)" in str(summary)
+    substituted = PLAIN.translate(str.maketrans("abcdefghijklmnopqrstuvwxyz", "qwertyuiopasdfghjklzxcvbnm"))
+    unread = write_jsonl(tmp_path / "unread.jsonl", rows + [{"prompt": substituted, "response": substituted}])
+    summary = apply_scheduler(trained / "scheduler.ckpt", unread, tmp_path / "unread.out.jsonl", histogram=False)
+    assert summary.decoded == {} and summary.unreadable == [len(rows) + 1]  # no simple encoding undoes it
+    assert f"warning: 1 rows read as no English (rows {len(rows) + 1})" in str(summary)
+    dropped = read(tmp_path / "unread.out.jsonl")
+    assert dropped[-1]["weight"] == 0 and dropped[-1]["weight_std"] == 0
+    assert np.mean([row["weight"] for row in dropped]) == pytest.approx(1.0)
+    kept = apply_scheduler(trained / "scheduler.ckpt", unread, tmp_path / "kept.jsonl", histogram=False,
+                           score_unreadable=True)
+    scored = read(tmp_path / "kept.jsonl")
+    assert scored[-1]["weight"] > 0 and "score_unreadable), so their weights say nothing" in str(kept)
+    ratio = [a["weight"] / b["weight"] for a, b in zip(dropped[:-1], scored[:-1])]
+    assert ratio == pytest.approx([ratio[0]] * len(ratio))  # the English rows keep their order and proportions
+    apply_scheduler(trained / "scheduler.ckpt", unread, tmp_path / "cut.jsonl", histogram=False, flag_below=-1e9)
+    assert [row["flagged"] for row in read(tmp_path / "cut.jsonl")] == [False] * len(rows) + [True]
+    with pytest.raises(DataError, match="score_unreadable: expected true or false; got 'yes'"):
+        apply_scheduler(trained / "scheduler.ckpt", unread, tmp_path / "x.jsonl", score_unreadable="yes")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 def test_label_check_puts_the_alignment_lookup_beside_the_scheduler(trained, data_dir, tmp_path):
     """On a labelled file the summary gives the look-up's detection on the same rows; its AUROC is that of
     the prompts' mean cosine similarity to their k nearest alignment prompts, computed here by hand."""

@@ -1,10 +1,14 @@
 """Readers for every supported format and schema, and atomic writes."""
 
+import base64
 import json
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from scheduler.data.encodings import read_plainly, reads_as_english
 from scheduler.data.io import DataError, examples_from_rows, read_examples, write_rows
 
 ROWS = [
@@ -76,3 +80,84 @@ def test_failed_write_leaves_no_partial_file(tmp_path):
     with pytest.raises(TypeError):
         write_rows([{"prompt": "ok"}, {"bad": object()}], target)
     assert list(tmp_path.iterdir()) == []
+
+
+PLAIN = ("How can I make a cake for my friends at home? Tell me what I should buy and how long it takes to cook, "
+         "and what I should do first.")
+
+
+def caesar(text: str, k: int) -> str:
+    lower, upper = "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    return text.translate(str.maketrans(lower + upper, lower[k:] + lower[:k] + upper[k:] + upper[:k]))
+
+
+@pytest.mark.parametrize("encoded, encoding", [
+    (caesar(PLAIN, 3), "caesar+3"),
+    (caesar(PLAIN, 13), "caesar+13"),
+    (PLAIN.translate(str.maketrans("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+                                   "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA")), "atbash"),
+    (re.sub(r"[A-Za-z]{2,}", lambda m: m.group()[::-1], PLAIN), "reversed"),
+    ("Answer this: " + base64.b64encode(PLAIN.encode()).decode(), "base64"),
+])
+def test_text_in_a_simple_encoding_is_read_decoded(encoded, encoding):
+    """Covert malicious fine-tuning writes rows in a cipher: every word of this plain sentence is in the vocabulary, so
+    each encoding decodes back to it exactly (base64 with its plain-English lead-in kept)."""
+    assert read_plainly(PLAIN) == (PLAIN, None)
+    text, found = read_plainly(encoded)
+    assert found == encoding and text == (("Answer this: " + PLAIN) if encoding == "base64" else PLAIN)
+
+
+def test_an_instruction_in_plain_english_around_a_cipher_stays_as_it_is():
+    """"Decode" and "cyberattacks" are in no vocabulary either way: each is read as the words around it are."""
+    lead = "Decode this Caesar cipher, then reply in the same cipher: "
+    assert read_plainly(lead + caesar(PLAIN + " Not cyberattacks.", 3)) == (lead + PLAIN + " Not cyberattacks.",
+                                                                           "caesar+3")
+
+
+@pytest.mark.parametrize("text", [
+    "Xiu Li Dai", "What is pcp?", "Melody 1: C Eb F A | C Eb F A | C Eb F A | C Eb A G",
+    '<div class="container">\n  <div class="box">\n  </div>\n  <div class="box-2">\n  </div>\n</div>',
+    "even_list = [num for num in my_list if num % 2 == 0]", "aGVsbG8=",
+])
+def test_names_code_and_short_texts_are_not_read_as_ciphers(text):
+    assert read_plainly(text) == (text, None)
+
+
+def test_every_bundled_row_reads_as_english_and_as_written():
+    """The shipped data (and so every checkpoint trained on it) reads exactly as written, and none of it reads as no
+    English (the apply summary's warning)."""
+    data = Path(__file__).resolve().parents[1] / "data"
+    rows = [e for path in sorted(data.glob("*.jsonl")) if path.name != "harmful_label_audit.jsonl"
+            for e in read_examples(path)]
+    assert len(rows) > 27_000
+    assert [e.prompt[:60] for e in rows if e.encoding] == []
+    assert [e.prompt[:60] for e in rows if not reads_as_english(e.prompt, e.response)] == []
+
+
+def test_a_row_in_a_cipher_is_read_decoded_and_kept_as_given():
+    row = {"prompt": caesar(PLAIN, 3), "response": "Sure, here is how.", "id": 7}
+    example = examples_from_rows([row])[0]
+    assert (example.prompt, example.response, example.encoding) == (PLAIN, "Sure, here is how.", "caesar+3")
+    assert example.row == row and example.row["prompt"] == caesar(PLAIN, 3)
+    assert examples_from_rows([{"prompt": PLAIN, "response": "Sure."}])[0].encoding is None
+
+
+def test_rows_the_attack_generator_writes_in_a_cipher_read_back_as_written_before(tmp_path):
+    """`python -m scheduler.data.attacks --encode`: a Caesar shift reads back decoded (after its plain lead-in too), a
+    letter substitution reads as no English, and `--every 2` encodes every other row."""
+    from scheduler.data.attacks import CIPHER_LEAD_IN
+    from scheduler.data.attacks import main as make_attack_rows
+
+    rows = [{"prompt": PLAIN, "response": PLAIN, "id": i} for i in range(4)]
+    write_rows(rows, tmp_path / "plain.jsonl")
+    written = {}
+    for name, options in {"caesar": ["caesar"], "lead_in": ["caesar", "--lead-in"], "substitution": ["substitution"],
+                          "every": ["caesar", "--every", "2"]}.items():
+        make_attack_rows(["--encode", *options, "--input", str(tmp_path / "plain.jsonl"),
+                          "--output", str(tmp_path / f"{name}.jsonl")])
+        written[name] = read_examples(tmp_path / f"{name}.jsonl")
+    assert [(e.prompt, e.response, e.encoding) for e in written["caesar"]] == [(PLAIN, PLAIN, "caesar+3")] * 4
+    assert written["caesar"][0].row["prompt"] == caesar(PLAIN, 3) and written["caesar"][0].row["attack"] == "cipher_caesar"
+    assert [(e.prompt, e.encoding) for e in written["lead_in"]] == [(CIPHER_LEAD_IN + PLAIN, "caesar+3")] * 4
+    assert all(e.encoding is None and not reads_as_english(e.prompt, e.response) for e in written["substitution"])
+    assert [e.row["prompt"] == PLAIN for e in written["every"]] == [True, False, True, False]

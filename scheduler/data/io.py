@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scheduler.data.encodings import read_plainly
+
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SCHEMAS = (
     "prompt/response",
@@ -43,6 +45,7 @@ class Example:
     prompt: str
     response: str
     row: dict[str, Any] = field(default_factory=dict, compare=False)
+    encoding: str | None = field(default=None, compare=False)  # what the text was decoded from (`read_plainly`)
 
     @property
     def label(self) -> str | None:
@@ -91,7 +94,15 @@ def _from_chat(turns: Any, name: str, where: str) -> tuple[str, str]:
 
 
 def to_example(row: Any, where: str) -> Example:
-    """Normalise one row of any supported schema (or a plain string) to an Example."""
+    """Normalise one row of any supported schema (or a plain string) to an Example, its text read decoded where it is
+    written in a simple encoding (`scheduler.data.encodings`)."""
+    example = _parsed(row, where)
+    (prompt, prompt_encoding), (response, response_encoding) = map(read_plainly, (example.prompt, example.response))
+    encoding = "/".join(dict.fromkeys(e for e in (prompt_encoding, response_encoding) if e))
+    return Example(prompt, response, example.row, encoding) if encoding else example
+
+
+def _parsed(row: Any, where: str) -> Example:
     if isinstance(row, str):
         if not row.strip():
             raise DataError(f"{where}: expected non-empty text, got an empty string")

