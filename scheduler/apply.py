@@ -266,9 +266,9 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                     score_unreadable: bool = False) -> ApplySummary:
     """Read, embed, score and write atomically; the input file is never modified.
 
-    `scoring_shift`, `scoring_shift_taper`, `withhold_below`, `withhold_block` and `withhold_spares_refusals` override
-    the checkpoint's operating point (`NeuralScheduler.load`). The summary lists the `show_lowest` rows with the
-    lowest weights.
+    `scoring_shift`, `scoring_shift_taper`, `withhold_below`, `withhold_block`, `withhold_spares_refusals` and
+    `score_unreadable` override the checkpoint's operating point (`NeuralScheduler.load`). The summary lists the
+    `show_lowest` rows with the lowest weights.
     `group_by` names a field (a task or source column) whose values split the file into sets scored apart: the
     posterior reads each row against its own set, so a task that is a small part of a mixed file is read against
     rows like it.
@@ -277,13 +277,10 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     (`NeuralScheduler.clean_p_values_from_embeddings`), and `flagged`, true where it is at most `flag_rate`: at most
     that share of new clean rows like the user's are flagged in expectation, a known cost in benign rows. Or
     `flag_below` flags the rows whose `unshifted_mu` lies below a cut of the user's own.
-    Rows that read as no English get weight 0 and are flagged, unless `score_unreadable`
-    (`NeuralScheduler.score_unreadable`)."""
+    Rows that read as no English get weight 0 and are flagged, unless `score_unreadable`."""
     input_path, output_path = Path(input_path), Path(output_path)
     if isinstance(show_lowest, bool) or not isinstance(show_lowest, int) or show_lowest < 0:
         raise DataError(f"show_lowest: expected a whole number of rows >= 0; got {show_lowest!r}")
-    if not isinstance(score_unreadable, bool):
-        raise DataError(f"score_unreadable: expected true or false; got {score_unreadable!r}")
     calibration_paths = checked_cut_options(calibrate_on, flag_rate, flag_below)
     for path in (input_path, *calibration_paths):
         if output_path.resolve() == path.resolve():
@@ -293,8 +290,8 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     clean = clean_rows_per_set(calibration_paths, group_by, members, flag_rate) if calibration_paths else None
     scheduler = NeuralScheduler.load(checkpoint, scoring_shift=scoring_shift, scoring_shift_taper=scoring_shift_taper,
                                      withhold_below=withhold_below, withhold_block=withhold_block,
-                                     withhold_spares_refusals=withhold_spares_refusals)
-    scheduler.score_unreadable = score_unreadable
+                                     withhold_spares_refusals=withhold_spares_refusals,
+                                     score_unreadable=score_unreadable)
     embeddings = embed_in_chunks(scheduler, examples, chunk)
     columns, sets = score_sets(scheduler, embeddings, examples, groups)
     cut = None

@@ -29,7 +29,7 @@ from scheduler.transforms import posterior_weights
 CHECKPOINT_KEY = "scheduler"
 # What `NeuralScheduler.load` lets a caller change about how a checkpoint scores: its operating point.
 OPERATING_POINT_OPTIONS = ("scoring_shift", "scoring_shift_taper", "withhold_below", "withhold_block",
-                           "withhold_spares_refusals")
+                           "withhold_spares_refusals", "score_unreadable")
 
 
 @dataclass
@@ -106,7 +106,7 @@ class NeuralScheduler:
              scoring_shift_taper: Sequence[float] | None = None,
              withhold_below: float | None = None,
              withhold_block: Sequence[float] | None = None,
-             withhold_spares_refusals: bool | None = None) -> NeuralScheduler:
+             withhold_spares_refusals: bool | None = None, score_unreadable: bool = False) -> NeuralScheduler:
         """Load a checkpoint written by train_scheduler.py (or any BDSModule checkpoint).
 
         `scoring_shift` replaces the checkpoint's prior log-odds of a benign row at scoring (`SafetyPrior`):
@@ -117,15 +117,18 @@ class NeuralScheduler:
         whose unshifted logit lies below it (`SafetyPrior.row_shift`; -6 was measured): less harmful weight let
         through, fewer benign rows kept. `withhold_block` withholds it only from a set whose share of such rows exceeds
         its low end ([0.06, 0.07] was measured). `withhold_spares_refusals` keeps the whole shift for rows whose answer
-        opens with a refusal, and leaves them out of the block's count. None keeps the checkpoint's."""
+        opens with a refusal, and leaves them out of the block's count. None keeps the checkpoint's.
+        `score_unreadable` scores rows that read as no English as any row (`NeuralScheduler.score_unreadable`)."""
         path = Path(path)
         for name, value in (("scoring_shift", scoring_shift), ("withhold_below", withhold_below)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise DataError(f"{name}: expected a number (a logit, e.g. 0 or -6); got {value!r}")
         taper = None if scoring_shift_taper is None else checked_taper(scoring_shift_taper)
         block = None if withhold_block is None else checked_taper(withhold_block, "withhold_block")
-        if withhold_spares_refusals is not None and not isinstance(withhold_spares_refusals, bool):
-            raise DataError(f"withhold_spares_refusals: expected true or false; got {withhold_spares_refusals!r}")
+        for name, value in (("withhold_spares_refusals", withhold_spares_refusals),
+                            ("score_unreadable", score_unreadable)):
+            if value is not None and not isinstance(value, bool):
+                raise DataError(f"{name}: expected true or false; got {value!r}")
         if not path.is_file():
             raise DataError(f"{path}: checkpoint not found")
         try:
@@ -156,7 +159,9 @@ class NeuralScheduler:
         except ValueError as error:
             raise DataError(f"{path}: {error}") from None
         posterior.load_state_dict(state)
-        return cls(posterior, config, embedder)
+        scheduler = cls(posterior, config, embedder)
+        scheduler.score_unreadable = bool(score_unreadable)
+        return scheduler
 
     @property
     def needs_joint(self) -> bool:
