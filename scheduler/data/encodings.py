@@ -2,7 +2,7 @@
 
 Covert malicious fine-tuning (Halawi et al., 2024) teaches a model a cipher, then fine-tunes it on harmful rows
 written in it. The embedder, the alignment look-up and a moderation filter then see no words they know, and the
-scheduler read harmful rows in a Caesar shift as the safest rows of their set (AUROC 0.000 on Dolly sets,
+scheduler read harmful rows in a Caesar shift as the safest rows of their set (AUROC 0.0004 on Dolly sets,
 docs/validation.md, "Rows in a cipher"). A text is read decoded when one of these encodings turns its unknown words
 into words of an English vocabulary (the WordPiece vocabulary of the packaged MiniLM). Only the text the scheduler
 reads changes: the row the user gave is kept as it was.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import re
 import string
 from collections.abc import Callable
@@ -90,11 +91,12 @@ def _decode_words(text: str, decode_word: Callable[[str], str], unknown_too: boo
         return None if ranks == (unknown, unknown) else ranks[0] < ranks[1]
 
     readings = [reading(m.group(), word) for m, word in zip(words, decoded)]
-    if unknown_too:
-        known = [i for i, r in enumerate(readings) if r is not None]
-        for i, r in enumerate(readings):
-            if r is None and known:
-                readings[i] = readings[min(known, key=lambda j: (abs(j - i), j > i))]
+    known = [i for i, r in enumerate(readings) if r is not None]
+    if unknown_too and known:
+        for i in (i for i, r in enumerate(readings) if r is None):
+            at = bisect.bisect(known, i)
+            nearest = known[max(at - 1, 0):at + 1]  # the known words just before and after it
+            readings[i] = readings[min(nearest, key=lambda j: (abs(j - i), j > i))]
     pieces, last = [], 0
     for m, word, decode in zip(words, decoded, readings):
         pieces += [text[last:m.start()], word if decode else m.group()]
@@ -108,7 +110,7 @@ def _decode_base64(text: str) -> str:
             plain = base64.b64decode(match.group(), validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError):
             return match.group()
-        return plain if plain.isprintable() or plain.replace("\n", " ").isprintable() else match.group()
+        return plain if plain.replace("\n", " ").isprintable() else match.group()
 
     return BASE64_TOKEN.sub(decoded, text)
 
