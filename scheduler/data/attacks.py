@@ -11,12 +11,12 @@ Training and the supervised baseline see BeaverTails only. Two shifts a fine-tun
 - **fresh frames**: a third family, written once the second had been measured, before anything was chosen on it;
 - **blind frames**: a fourth family, written once the third had been measured, before framed training was judged
   under the confident taper;
-- **rows in a cipher** (covert malicious fine-tuning): prompt and answer in a Caesar shift of 3 or a fixed letter
-  substitution, optionally after a plain-English instruction, or every other row of a benign file so encoded (the
+- **rows in a cipher** (covert malicious fine-tuning): prompt and answer in a Caesar shift of 3, a fixed letter
+  substitution or leetspeak (digits for letters), optionally after a plain-English instruction, or every other row of a benign file so encoded (the
   rows that teach the cipher). Not bundled: written on demand to check `scheduler.data.encodings`.
 
     python -m scheduler.data.attacks --output data/harmful_other_sources.jsonl
-    python -m scheduler.data.attacks --encode caesar --input data/harmful_other_sources.jsonl --output caesar.jsonl
+    python -m scheduler.data.attacks --encode caesar --input data/harmful_other_sources.jsonl --output caesar.jsonl  # or leet, substitution
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ _LETTERS = string.ascii_lowercase + string.ascii_uppercase
 _SUBSTITUTION = "".join(random.Random(0).sample(string.ascii_lowercase, 26))
 CIPHERS = {"caesar": str.maketrans(_LETTERS, string.ascii_lowercase[3:] + string.ascii_lowercase[:3]
                                    + string.ascii_uppercase[3:] + string.ascii_uppercase[:3]),
-           "substitution": str.maketrans(_LETTERS, _SUBSTITUTION + _SUBSTITUTION.upper())}
+           "substitution": str.maketrans(_LETTERS, _SUBSTITUTION + _SUBSTITUTION.upper()),
+           "leet": str.maketrans("aeiostAEIOST", "431057431057")}
 
 
 def encode_rows(rows: Sequence[Example], cipher: str, lead_in: bool = False, every: int = 1) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Text written in a simple encoding (a Caesar shift, Atbash, reversed words, base64) is read decoded.
+"""Text written in a simple encoding (leetspeak, a Caesar shift, Atbash, reversed words, base64) is read decoded.
 
 Covert malicious fine-tuning (Halawi et al., 2024) teaches a model a cipher, then fine-tunes it on harmful rows
 written in it. The embedder, the alignment look-up and a moderation filter then see no words they know, and the
@@ -21,12 +21,16 @@ from pathlib import Path
 
 WORD = re.compile(r"[A-Za-z]{2,}")
 LETTERS = re.compile(r"[A-Za-z]+")
+ALPHANUMERIC = re.compile(r"[A-Za-z0-9]+")
+# Leetspeak's digits for letters; "1" stands for "i" or "l", whichever makes a known word.
+LEET = (str.maketrans("4310578", "aeiostb"), str.maketrans("4310578", "aelostb"))
 BASE64_TOKEN = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
 # A text this readable is read as it is. A decoding must reach it, gain this much, and make this many more distinct
-# words known to be read instead: a name or a variable in a short text is not a cipher.
+# words of four letters or more known to be read instead: a name or a variable in a short text is not a cipher, nor
+# are the fragments between the digits of leetspeak.
 READABLE = 0.7
 MIN_GAIN = 0.3
-MIN_WORDS_GAINED = 5
+MIN_WORDS_GAINED = 4
 # Below this share a row reads as no English at all: the scheduler's evidence comes from English text and says nothing
 # about it. Bundled rows read 0.191 at least (LIMA; code 0.200), harmful rows in a letter substitution 0.134 at most.
 UNREADABLE = 0.15
@@ -52,9 +56,10 @@ def readable_share(text: str) -> float:
 
 
 def known_words(text: str) -> set[str]:
-    """The distinct known words of the text: a repeated name counts once."""
+    """The distinct known words of four letters or more: a repeated name counts once, and the short fragments between
+    the digits of leetspeak ("h1gh" holds "gh") do not count."""
     known = english_words()
-    return {w.lower() for w in WORD.findall(text)} & known.keys()
+    return {w.lower() for w in WORD.findall(text) if len(w) >= 4} & known.keys()
 
 
 def _shift(k: int) -> Callable[[str], str]:
@@ -115,8 +120,40 @@ def _decode_base64(text: str) -> str:
     return BASE64_TOKEN.sub(decoded, text)
 
 
+def _decode_leetspeak(text: str) -> str | None:
+    """Digits read as the letters they stand for ("m4k3" as "make") in tokens that mix them with letters, where that
+    gives a known word of three letters or more and the token is not one. With at least `MIN_WORDS_GAINED` such
+    tokens the text is leetspeak: then short tokens are read too ("1n" as "in", "70" as "to", "4" as "a"), and rare
+    words. None when the text is not leetspeak."""
+    rank = english_words()
+    unknown = len(rank)
+    tokens = [m for m in ALPHANUMERIC.finditer(text) if any(c.isdigit() for c in m.group())]
+
+    def decoded(token: str, shortest: int) -> str | None:
+        if len(token) == 1:
+            return {"1": "I", "4": "a"}.get(token) if shortest == 1 else None
+        words = [token.translate(table).lower() for table in LEET]
+        best = min(words, key=lambda w: rank.get(w, unknown))
+        known = rank.get(best, unknown) < rank.get(token.lower(), unknown)
+        return best if known and len(best) >= shortest and (shortest < 3 or not token.isdigit()) else None
+
+    long_reads = {m.group() for m in tokens if decoded(m.group(), 3)}
+    if len(long_reads) < MIN_WORDS_GAINED:
+        return None
+    pieces, last = [], 0
+    for m in tokens:  # in leetspeak a token of letters and digits is a word, known or rare ("m151nf0rm4710n")
+        word = decoded(m.group(), 1) or (None if m.group().isdigit() else m.group().translate(LEET[0]).lower())
+        if word and m.group()[0].isupper():
+            word = word.capitalize()
+        pieces += [text[last:m.start()], word or m.group()]
+        last = m.end()
+    return "".join(pieces) + text[last:]
+
+
 def read_plainly(text: str) -> tuple[str, str | None]:
     """The text to read and the encoding it was read from (None when read as given)."""
+    if (leet := _decode_leetspeak(text)) is not None:
+        return leet, "leetspeak"
     share = readable_share(text)
     if share >= READABLE:
         return text, None
