@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,6 @@ import torch
 from tqdm import tqdm
 
 from scheduler.baselines import normalise
-from scheduler.data.encodings import reads_as_english
 from scheduler.data.io import DataError, Example, iter_rows, to_example, write_rows
 from scheduler.embeddings import RowEmbeddings
 from scheduler.lexical import RowTexts
@@ -209,18 +209,20 @@ def set_members(groups: list[str] | None, count: int) -> dict[str, list[int]]:
 
 
 def score_sets(scheduler: NeuralScheduler, embeddings: RowEmbeddings, examples: list[Example],
-               groups: list[str] | None) -> tuple[dict[str, np.ndarray], list[SetSummary]]:
-    """Score the rows as one set, or each group as its own set; the columns come back in the rows' order."""
+               groups: list[str] | None) -> tuple[dict[str, np.ndarray], list[SetSummary], np.ndarray]:
+    """Score the rows as one set, or each group as its own set; the columns, and which rows read as no English
+    (`ScoreResult.unreadable`), come back in the rows' order."""
     members = set_members(groups, len(examples))
-    columns, sets = {}, []
+    columns, sets, unreadable = {}, [], np.zeros(len(examples), dtype=bool)
     for name, rows in tqdm(members.items(), desc="scoring sets", unit=" sets", disable=len(members) == 1):
         result = scheduler.score_embeddings(*embeddings_of(embeddings, rows),
                                             texts=RowTexts.of([examples[i] for i in rows]))
         for column, values in result.columns().items():
             columns.setdefault(column, np.zeros(len(examples)))[rows] = values
+        unreadable[rows] = result.unreadable
         sets.append(SetSummary(name, len(rows), int((result.weight < 0.5).sum()), result.expected_harmful_fraction,
                                result.scoring_shift, result.withheld))
-    return columns, sets
+    return columns, sets, unreadable
 
 
 def embeddings_of(embeddings: RowEmbeddings, rows: list[int]) -> RowEmbeddings:
@@ -293,20 +295,20 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                                      withhold_spares_refusals=withhold_spares_refusals,
                                      score_unreadable=score_unreadable)
     embeddings = embed_in_chunks(scheduler, examples, chunk)
-    columns, sets = score_sets(scheduler, embeddings, examples, groups)
+    columns, sets, unreadable = score_sets(scheduler, embeddings, examples, groups)
+    lookup = cache(lambda: scheduler.lookup_probability(embeddings.prompts))  # the p-values and the label check
     cut = None
     if flag_below is not None:
         columns["flagged"] = columns["unshifted_mu"] < flag_below
         cut = Cut(f"with unshifted_mu below {flag_below:.4g} (given: flag_below)")
     elif clean:
         columns["clean_p_value"], lookup_p_value = clean_p_values_per_set(scheduler, embeddings, examples, members,
-                                                                          clean, chunk)
+                                                                          clean, chunk, lookup())
         columns["flagged"] = flagged_at_rate(columns["clean_p_value"], flag_rate)
         cut = Cut(f"whose clean_p_value is at most {flag_rate:.1%}: each set was scored with its clean rows "
                   f"({sum(map(len, clean.values()))} from {', '.join(path.name for path in calibration_paths)}), "
                   f"which flags at most {flag_rate:.1%} of new clean rows like them in expectation",
                   flagged_at_rate(lookup_p_value, flag_rate))
-    unreadable = np.array([not reads_as_english(e.prompt, e.response) for e in examples])
     if cut and not score_unreadable:
         columns["flagged"] = columns["flagged"] | unreadable
     write_rows(output_rows(examples, columns), output_path)
@@ -315,8 +317,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     quantiles = dict(zip(["min", "q05", "q25", "median", "q75", "q95", "max"],
                          np.quantile(weights, [0, 0.05, 0.25, 0.5, 0.75, 0.95, 1]).tolist(), strict=True))
     return ApplySummary(quantiles, output_path, hist, sets,
-                        label_check(examples, columns, lambda: scheduler.lookup_probability(embeddings.prompts),
-                                    cut and cut.lookup_flagged),
+                        label_check(examples, columns, lookup, cut and cut.lookup_flagged),
                         lowest_rows(examples, weights, show_lowest), cut,
                         int(columns["flagged"].sum()) if cut else 0,
                         dict(Counter(e.encoding for e in examples if e.encoding)),
@@ -361,12 +362,11 @@ def clean_rows_per_set(paths: list[Path], group_by: str | None, members: dict[st
 
 
 def clean_p_values_per_set(scheduler: NeuralScheduler, embeddings: RowEmbeddings, examples: list[Example],
-                   members: dict[str, list[int]], clean: dict[str, list[Example]],
-                   chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's `clean_p_value`, its set scored with its clean rows, and the alignment look-up's p-value against the
-    same clean rows (a look-up reads no set, so its rows need no second scoring)."""
+                           members: dict[str, list[int]], clean: dict[str, list[Example]], chunk: int,
+                           lookup: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's `clean_p_value`, its set scored with its clean rows, and the p-value of its alignment look-up
+    probability (`lookup`) against the same clean rows (a look-up reads no set, so its rows need no second scoring)."""
     p_value, lookup_p_value = np.zeros(len(examples)), np.zeros(len(examples))
-    lookup = scheduler.lookup_probability(embeddings.prompts)
     for name, rows in tqdm(members.items(), desc="scoring with clean rows", unit=" sets", disable=len(members) == 1):
         clean_embeddings = embed_in_chunks(scheduler, clean[name], chunk)
         p_value[rows] = scheduler.clean_p_values_from_embeddings(
