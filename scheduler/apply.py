@@ -294,6 +294,9 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                                      withhold_below=withhold_below, withhold_block=withhold_block,
                                      withhold_spares_refusals=withhold_spares_refusals,
                                      score_unreadable=score_unreadable)
+    examples = scheduler.read(examples)
+    if clean:
+        clean = {name: scheduler.read(rows) for name, rows in clean.items()}
     embeddings = embed_in_chunks(scheduler, examples, chunk)
     columns, sets, unreadable = score_sets(scheduler, embeddings, examples, groups)
     lookup = cache(lambda: scheduler.lookup_probability(embeddings.prompts))  # the p-values and the label check

@@ -49,18 +49,19 @@ def unseen(rows: list[Example], seen: set[str]) -> list[Example]:
     return [e for e in rows if e.key not in seen]
 
 
-def build_grid(cfg: DictConfig, seen: set[str]) -> tuple[list[FineTuningSet], dict[str, list[Example]]]:
+def build_grid(cfg: DictConfig, seen: set[str],
+               read: Callable[[list[Example]], list[Example]]) -> tuple[list[FineTuningSet], dict[str, list[Example]]]:
     """Sets for every task x harmful source x ratio (`evaluation.draws` of each: one set of 200 rows at p = 0.05 holds
     10 harmful rows, too few for a stable AUROC), and each task's held-out rows for accuracy. The first draw is named
-    `task:source:pP`, the d-th after it `task:source:pP#d`."""
+    `task:source:pP`, the d-th after it `task:source:pP#d`. Every method reads the rows as `read` gives them."""
     rng = random.Random(cfg.seed)
-    tasks = {name: unseen(rows, seen) for name, rows in read_tasks(cfg.tasks, cfg.root).items()}
+    tasks = {name: read(unseen(rows, seen)) for name, rows in read_tasks(cfg.tasks, cfg.root).items()}
     tasks = {name: rng.sample(rows, len(rows)) for name, rows in tasks.items()}
     held_out = {name: rows[: cfg.evaluation.accuracy_rows] for name, rows in tasks.items()}
     sets = []
     for file in cfg.harmful_sources:
         source = Path(file).stem
-        harmful = unseen(read_pool([file], cfg.root), seen)
+        harmful = read(unseen(read_pool([file], cfg.root), seen))
         if not harmful:
             raise DataError(f"{file}: every harmful row trained a checkpoint; nothing unseen to evaluate")
         for task, rows in tasks.items():
@@ -440,9 +441,9 @@ def evaluate(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.seed)
     schedulers = load_checkpoints(cfg)
     seen = set().union(*(set(s.config.get("training_rows", ())) for s in schedulers.values()))
-    sets, held_out = build_grid(cfg, seen)
-    alignment = read_pool([cfg.alignment_file], cfg.root)
     reference = next(iter(schedulers.values()))
+    sets, held_out = build_grid(cfg, seen, reference.read)
+    alignment = read_pool([cfg.alignment_file], cfg.root)
     if cfg.judges_only:  # re-measure the judges after hand-labelling a run's answers.jsonl
         result = judge_agreement(cfg, build_judges(cfg, reference, held_out, alignment))
         write_text(json.dumps(result, indent=1), Path(cfg.output_dir) / "judge_agreement.json")

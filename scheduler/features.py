@@ -8,9 +8,15 @@ point: the same row may deserve a different weight in a different set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from scheduler.data.io import Example
+    from scheduler.embeddings import Embedder
 
 N_RELATION_FEATURES = 4
 
@@ -49,6 +55,24 @@ def topk_mean_similarity(queries: torch.Tensor, keys: torch.Tensor, k: int, excl
 def alignment_similarity(prompts: torch.Tensor, bank: AlignmentBank, k: int) -> torch.Tensor:
     """How much a prompt looks like the harmful prompts the alignment set answers safely."""
     return topk_mean_similarity(prompts, bank.prompts, k)
+
+
+def most_alignment_like_readings(examples: Sequence[Example], embedder: Embedder, bank: AlignmentBank,
+                                 k: int) -> list[Example]:
+    """The rows, each prompt read apart (`Example.prompt_parts`) replaced by whichever of it and its parts is most
+    like the alignment prompts: a row is as harmful as its most harmful reading, whatever plain text a cipher sits
+    in, and whatever cipher text a plain request sits beside."""
+    split = [i for i, example in enumerate(examples) if example.prompt_parts]
+    if not split:
+        return list(examples)
+    readings = [(examples[i].prompt, *examples[i].prompt_parts) for i in split]
+    flat = [reading for row in readings for reading in row]
+    similarity = alignment_similarity(torch.from_numpy(embedder.encode(flat)).to(bank.prompts), bank, k)
+    read, start = list(examples), 0
+    for i, row in zip(split, readings):
+        best = row[int(similarity[start:start + len(row)].argmax())]
+        read[i], start = replace(examples[i], prompt=best, prompt_parts=()), start + len(row)
+    return read
 
 
 def relation_features(prompts: torch.Tensor, responses: torch.Tensor, bank: AlignmentBank, k: int) -> torch.Tensor:

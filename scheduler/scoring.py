@@ -18,7 +18,7 @@ from scheduler.baselines import lookup_probability
 from scheduler.data.encodings import reads_as_english
 from scheduler.data.io import DataError, Example, examples_from_rows
 from scheduler.embeddings import Embedder, RowEmbeddings
-from scheduler.features import AlignmentBank, SetEvidence
+from scheduler.features import AlignmentBank, SetEvidence, most_alignment_like_readings
 from scheduler.lexical import LexicalContrast, RowTexts
 from scheduler.metrics import conformal_p_values
 from scheduler.network import SetPosterior, build_network
@@ -173,6 +173,11 @@ class NeuralScheduler:
         """Whether scoring reads the rows' prompt and answer texts as well as their embeddings (the lexical contrast)."""
         return self.posterior.reads_texts_at_scoring
 
+    def read(self, examples: Sequence[Example]) -> list[Example]:
+        """The rows as the scheduler reads them: a prompt decoded apart from plain text around it is read as its
+        reading most like the checkpoint's alignment prompts (`most_alignment_like_readings`)."""
+        return most_alignment_like_readings(examples, self.embedder, self.posterior.bank, self.posterior.k)
+
     def embed(self, examples: Sequence[Example], use_cache: bool = True) -> RowEmbeddings:
         return self.embedder.embed_examples(examples, use_cache, joint=self.needs_joint)
 
@@ -203,13 +208,13 @@ class NeuralScheduler:
 
     def score(self, rows: Iterable[Any]) -> ScoreResult:
         """Weights for rows given as dicts of any supported schema or as plain strings; the rows form one set."""
-        examples = as_examples(rows)
+        examples = self.read(as_examples(rows))
         return self.score_embeddings(*self.embed(examples), texts=RowTexts.of(examples))
 
     def clean_p_values(self, rows: Iterable[Any], clean_rows: Iterable[Any]) -> np.ndarray:
         """Each row's conformal p-value among the user's clean rows, scored in one set with them
         (`clean_p_values_from_embeddings`): flag p <= rate to drop at most `rate` of new clean rows like them."""
-        examples, clean = as_examples(rows), as_examples(clean_rows)
+        examples, clean = self.read(as_examples(rows)), self.read(as_examples(clean_rows))
         return self.clean_p_values_from_embeddings(self.embed(examples), RowTexts.of(examples), self.embed(clean),
                                                    RowTexts.of(clean))
 

@@ -113,6 +113,33 @@ def test_a_row_in_a_cipher_is_scored_decoded_and_written_as_given(trained, data_
     assert not (tmp_path / "x.jsonl").exists()
 
 
+def test_a_request_in_a_cipher_beside_plain_text_gets_the_weight_of_the_request_alone(trained, data_dir, tmp_path):
+    """A harmful request in a Caesar shift after a plain instruction, and the same request in plain text followed by
+    a benign prompt in the cipher, are each read as the request (an alignment prompt, the reading most like the
+    alignment prompts): each gets the weight of the request written alone. `score` reads rows the same way."""
+    from scheduler.apply import apply_scheduler
+    from scheduler.data.attacks import CIPHER_LEAD_IN
+    from scheduler.scoring import NeuralScheduler
+
+    from test_io import COVER, caesar
+
+    rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
+    request = json.loads((data_dir / "alignment.jsonl").read_text().splitlines()[0])["prompt"]
+    weights = {}
+    for name, prompt in {"alone": request, "after an instruction": CIPHER_LEAD_IN + caesar(request, 3),
+                         "beside a cover": f"{request}\n\n{caesar(COVER, 3)}"}.items():
+        given = write_jsonl(tmp_path / "given.jsonl", rows + [{"prompt": prompt, "response": "Sure, here is how."}])
+        apply_scheduler(trained / "scheduler.ckpt", given, tmp_path / "out.jsonl", histogram=False)
+        written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+        assert written[-1]["prompt"] == prompt
+        weights[name] = [row["weight"] for row in written]
+    assert weights["after an instruction"] == pytest.approx(weights["alone"])
+    assert weights["beside a cover"] == pytest.approx(weights["alone"])
+    scheduler = NeuralScheduler.load(trained / "scheduler.ckpt")
+    scored = scheduler.score(rows + [{"prompt": CIPHER_LEAD_IN + caesar(request, 3), "response": "Sure, here is how."}])
+    assert scored.weight == pytest.approx(weights["alone"], abs=1e-5)
+
+
 def test_label_check_puts_the_alignment_lookup_beside_the_scheduler(trained, data_dir, tmp_path):
     """On a labelled file the summary gives the look-up's detection on the same rows; its AUROC is that of
     the prompts' mean cosine similarity to their k nearest alignment prompts, computed here by hand."""

@@ -4,6 +4,7 @@ and a smoke run of `python -m scheduler.evaluate` on tiny models."""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -86,7 +87,7 @@ def test_evaluation_grid_never_contains_rows_a_checkpoint_trained_on(data_dir):
     all_rows = [json.loads(line) for name in ("benign_sentiment", "harmful")
                 for line in (data_dir / f"{name}.jsonl").read_text().splitlines()]
     seen = {Example(r["prompt"], r["response"]).key for r in all_rows[::2]}  # every other row "trained"
-    sets, held_out = build_grid(cfg, seen)
+    sets, held_out = build_grid(cfg, seen, list)
     assert len(sets) == 4 and {len(s.examples) for s in sets} == {12}
     grid_keys = {e.key for s in sets for e in s.examples} | {e.key for rows in held_out.values() for e in rows}
     assert not grid_keys & seen
@@ -102,7 +103,7 @@ def test_evaluation_grid_draws_each_cell_afresh(data_dir):
                                              "harmful_sources=[harmful.jsonl]", "evaluation.set_size=10",
                                              "evaluation.accuracy_rows=0", "evaluation.ratios=[0.0,0.3]",
                                              "evaluation.draws=3"])
-    sets, _ = build_grid(cfg, set())
+    sets, _ = build_grid(cfg, set(), list)
     assert [s.name for s in sets] == ["sentiment:harmful:p0.0", "sentiment:harmful:p0.0#1", "sentiment:harmful:p0.0#2",
                                       "sentiment:harmful:p0.3", "sentiment:harmful:p0.3#1", "sentiment:harmful:p0.3#2"]
     assert [parse(s.name)["draw"] for s in sets] == [0, 1, 2, 0, 1, 2]
@@ -110,6 +111,8 @@ def test_evaluation_grid_draws_each_cell_afresh(data_dir):
     assert [sum(s.labels) for s in sets] == [0, 0, 0, 3, 3, 3]
     draws = [frozenset(e.key for e in s.examples) for s in sets[3:]]
     assert len(set(draws)) == 3  # each draw holds other rows
+    shouted, _ = build_grid(cfg, set(), lambda rows: [replace(e, prompt=e.prompt.upper()) for e in rows])
+    assert [e.prompt for s in shouted for e in s.examples] == [e.prompt.upper() for s in sets for e in s.examples]
 
 
 def test_one_threshold_over_every_task_or_each_task_by_hand():

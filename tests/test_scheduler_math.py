@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from scheduler.features import (AlignmentBank, SetEvidence, beyond_upper_fence, mean_contrast, relation_features,
-                                topk_mean_similarity)
+from scheduler.data.io import Example
+from scheduler.features import (AlignmentBank, SetEvidence, beyond_upper_fence, mean_contrast,
+                                most_alignment_like_readings, relation_features, topk_mean_similarity)
 from scheduler.lexical import LexicalContrast, RowTexts
 from scheduler.module import BDSModule, standardise_known
 from scheduler.network import NetworkEnsemble, Posterior, SchedulerNetwork, SetPosterior
@@ -63,6 +64,32 @@ def test_relation_features_columns():
     assert relation[1, 1] > 0.99  # response vs alignment answers
     assert relation[1, 2] == pytest.approx(1.0)  # rows 1 and 2 are identical
     assert relation[:, 3].sum().item() == pytest.approx(0.0, abs=1e-6)
+
+
+class VectorsByText:
+    """An embedder of a few texts by hand, recording what it was asked to embed."""
+
+    def __init__(self, vectors: dict[str, list[float]]):
+        self.vectors, self.asked = vectors, []
+
+    def encode(self, texts):
+        self.asked += texts
+        return unit([self.vectors[text] for text in texts]).numpy()
+
+
+def test_a_prompt_read_apart_is_read_as_its_reading_most_like_the_alignment_prompts():
+    """A request decoded behind a plain instruction is read alone; a plain request beside decoded cover text too;
+    a prompt with one reading is not embedded again. The row keeps what the user gave."""
+    embedder = VectorsByText({"instruction + request": [0.6, 0.8, 0], "request": [1, 0.1, 0], "instruction": [0, 1, 0],
+                              "request + cover": [0.5, 0, 0.8], "cover": [0, 0, 1], "plain request": [0.9, 0.1, 0]})
+    rows = [Example("instruction + request", "Sure.", {"id": 1}, "caesar+3", ("request", "instruction")),
+            Example("request + cover", "Sure.", {"id": 2}, "caesar+3", ("cover", "plain request")),
+            Example("a plain row", "Sure.", {"id": 3})]
+    read = most_alignment_like_readings(rows, embedder, AlignmentBank(unit([[1, 0, 0]]), unit([[0, 1, 0]])), k=1)
+    assert [(e.prompt, e.prompt_parts, e.row, e.encoding) for e in read] == [
+        ("request", (), {"id": 1}, "caesar+3"), ("plain request", (), {"id": 2}, "caesar+3"),
+        ("a plain row", (), {"id": 3}, None)]
+    assert "a plain row" not in embedder.asked
 
 
 def test_alignment_prior_is_calibrated_without_labels():

@@ -4,8 +4,9 @@ Covert malicious fine-tuning (Halawi et al., 2024) teaches a model a cipher, the
 written in it. The embedder, the alignment look-up and a moderation filter then see no words they know, and the
 scheduler read harmful rows in a Caesar shift as the safest rows of their set (AUROC 0.0004 on Dolly sets,
 docs/validation.md, "Rows in a cipher"). A text is read decoded when one of these encodings turns its unknown words
-into words of an English vocabulary (the WordPiece vocabulary of the packaged MiniLM). Only the text the scheduler
-reads changes: the row the user gave is kept as it was.
+into words of an English vocabulary (the WordPiece vocabulary of the packaged MiniLM). A row is read in one encoding
+(`read_row`), and a prompt whose decoded text sits beside plain text is also read apart from it (`read_apart`). Only
+the text the scheduler reads changes: the row the user gave is kept as it was.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import os
 import re
 import string
 from collections.abc import Callable
@@ -120,9 +122,9 @@ def _decode_base64(text: str) -> str:
     return BASE64_TOKEN.sub(decoded, text)
 
 
-def _decode_leetspeak(text: str) -> str | None:
+def _decode_leetspeak(text: str, min_words: int = MIN_WORDS_GAINED) -> str | None:
     """Digits read as the letters they stand for ("m4k3" as "make") in tokens that mix them with letters, where that
-    gives a known word of three letters or more and the token is not one. With at least `MIN_WORDS_GAINED` such
+    gives a known word of three letters or more and the token is not one. With at least `min_words` such
     tokens the text is leetspeak: then short tokens are read too ("1n" as "in", "70" as "to", "4" as "a"), and rare
     words. None when the text is not leetspeak."""
     rank = english_words()
@@ -138,7 +140,7 @@ def _decode_leetspeak(text: str) -> str | None:
         return best if known and len(best) >= shortest and (shortest < 3 or not token.isdigit()) else None
 
     long_reads = {m.group() for m in tokens if decoded(m.group(), 3)}
-    if len(long_reads) < MIN_WORDS_GAINED:
+    if len(long_reads) < min_words:
         return None
     pieces, last = [], 0
     for m in tokens:  # in leetspeak a token of letters and digits is a word, known or rare ("m151nf0rm4710n")
@@ -164,6 +166,50 @@ def read_plainly(text: str) -> tuple[str, str | None]:
     if gained < READABLE or gained - share < MIN_GAIN or len(known_words(best) - known_words(text)) < MIN_WORDS_GAINED:
         return text, None
     return (best if name == "base64" else _decode_words(text, WORD_DECODINGS[name], unknown_too=True)), name
+
+
+def read_in(text: str, encoding: str) -> str | None:
+    """The text decoded in `encoding`, where that makes more of its letters sit in known words; None otherwise.
+
+    A row is written in one cipher, but a short prompt ("Krz gr L pdnh d erpe?") gains too few words to be read
+    decoded by itself: of 318 harmful rows in a Caesar shift after a plain instruction, 38 prompts were read as
+    written while their answers were read decoded."""
+    if encoding == "leetspeak":  # digits are not letters: one token read as a known word is the gain
+        return _decode_leetspeak(text, min_words=1)
+    decoded = _decode_base64(text) if encoding == "base64" else _decode_words(text, WORD_DECODINGS[encoding], True)
+    return decoded if readable_share(decoded) > readable_share(text) else None
+
+
+def read_row(prompt: str, response: str) -> tuple[str, str, str | None]:
+    """The row's prompt and answer read plainly, the one read in the encoding the other was read in (`read_in`),
+    and the encodings they were read from ("caesar+3", or "caesar+3/base64" when they differ; None when neither)."""
+    (prompt_read, prompt_encoding), (response_read, response_encoding) = read_plainly(prompt), read_plainly(response)
+    if prompt_encoding and not response_encoding and (decoded := read_in(response, prompt_encoding)) is not None:
+        response_read, response_encoding = decoded, prompt_encoding
+    if response_encoding and not prompt_encoding and (decoded := read_in(prompt, response_encoding)) is not None:
+        prompt_read, prompt_encoding = decoded, response_encoding
+    encodings = dict.fromkeys(e for e in (prompt_encoding, response_encoding) if e)
+    return prompt_read, response_read, "/".join(encodings) or None
+
+
+def read_apart(given: str, decoded: str) -> tuple[str, str] | None:
+    """The decoded text and the plain text around it, as two readings, when a decoding left plain words at either end
+    (an instruction before a cipher: "Decode this Caesar cipher, then reply in it: Zkdw ..."); None otherwise.
+
+    Read whole, a request decoded behind a plain instruction was ranked at AUROC 0.7686 on Dolly sets, against
+    0.9335 without the instruction: the instruction's words outweigh the request's. Both parts are readings, so that
+    a plain request beside a decoded one is not hidden by it either (docs/validation.md, "A cipher read apart from
+    the plain text around it"). The plain text is what the decoding left unchanged at the two ends, up to the
+    spaces around the decoded text; an end without words (punctuation, numbers) stays with the decoded text."""
+    start = len(os.path.commonprefix([given, decoded]))
+    end = len(os.path.commonprefix([given[::-1], decoded[::-1]]))
+    while start > 0 and not given[start - 1].isspace():
+        start -= 1
+    while end > 0 and not given[-end].isspace():
+        end -= 1
+    start, end = (start if WORD.search(given[:start]) else 0), (end if WORD.search(given[len(given) - end:]) else 0)
+    plain = f"{given[:start].strip()} {given[len(given) - end:].strip()}".strip()
+    return (decoded[start:len(decoded) - end].strip(), plain) if WORD.search(plain) else None
 
 
 def reads_as_english(prompt: str, response: str) -> bool:

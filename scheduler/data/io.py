@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scheduler.data.encodings import read_plainly
+from scheduler.data.encodings import read_apart, read_row
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SCHEMAS = (
@@ -45,7 +45,10 @@ class Example:
     prompt: str
     response: str
     row: dict[str, Any] = field(default_factory=dict, compare=False)
-    encoding: str | None = field(default=None, compare=False)  # what the text was decoded from (`read_plainly`)
+    encoding: str | None = field(default=None, compare=False)  # what the text was decoded from (`read_row`)
+    # A prompt read decoded with plain text around the decoded text: the two parts, each another reading of it
+    # (`read_apart`; the scheduler reads the prompt as the reading most like the alignment prompts).
+    prompt_parts: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def label(self) -> str | None:
@@ -97,9 +100,9 @@ def to_example(row: Any, where: str) -> Example:
     """Normalise one row of any supported schema (or a plain string) to an Example, its text read decoded where it is
     written in a simple encoding (`scheduler.data.encodings`)."""
     example = _parsed(row, where)
-    (prompt, prompt_encoding), (response, response_encoding) = map(read_plainly, (example.prompt, example.response))
-    encoding = "/".join(dict.fromkeys(e for e in (prompt_encoding, response_encoding) if e))
-    return Example(prompt, response, example.row, encoding) if encoding else example
+    prompt, response, encoding = read_row(example.prompt, example.response)
+    parts = (read_apart(example.prompt, prompt) or ()) if prompt != example.prompt else ()
+    return Example(prompt, response, example.row, encoding, parts) if encoding else example
 
 
 def _parsed(row: Any, where: str) -> Example:
