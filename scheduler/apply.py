@@ -95,6 +95,7 @@ class ApplySummary:
     decoded: dict[str, int] = field(default_factory=dict)  # rows read decoded, per encoding
     unreadable: list[int] = field(default_factory=list)  # row numbers (from 1) of rows that read as no English
     score_unreadable: bool = False
+    read_apart: int = 0  # rows whose prompt held plain text beside the decoded text (`NeuralScheduler.read`)
 
     @property
     def rows(self) -> int:
@@ -137,6 +138,10 @@ class ApplySummary:
             text += (f"read decoded (column 'decoded_from'): {sum(self.decoded.values())} rows written in an encoding ("
                      + ", ".join(f"{name}: {count}" for name, count in self.decoded.items()) + "); a service that does "
                      "not expect encoded text should review them\n")
+            if self.read_apart:
+                text += (f"  {self.read_apart} of them hold plain text beside the encoded text (an instruction, or a "
+                         "request beside it): each was read as whichever of its whole prompt, the decoded part and the "
+                         "plain part is most like the alignment prompts\n")
         if self.unreadable:
             shown = ", ".join(map(str, self.unreadable[:UNREADABLE_SHOWN]))
             treated = ("scored as any row (score_unreadable), so their weights say nothing about them"
@@ -294,6 +299,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                                      withhold_below=withhold_below, withhold_block=withhold_block,
                                      withhold_spares_refusals=withhold_spares_refusals,
                                      score_unreadable=score_unreadable)
+    read_apart = sum(bool(example.prompt_parts) for example in examples)
     examples = scheduler.read(examples)
     if clean:
         clean = {name: scheduler.read(rows) for name, rows in clean.items()}
@@ -324,7 +330,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                         lowest_rows(examples, weights, show_lowest), cut,
                         int(columns["flagged"].sum()) if cut else 0,
                         dict(Counter(e.encoding for e in examples if e.encoding)),
-                        (np.flatnonzero(unreadable) + 1).tolist(), score_unreadable)
+                        (np.flatnonzero(unreadable) + 1).tolist(), score_unreadable, read_apart)
 
 
 def checked_cut_options(calibrate_on: str | Path | Sequence[str | Path] | None, flag_rate: float,

@@ -129,10 +129,11 @@ def test_a_request_in_a_cipher_beside_plain_text_gets_the_weight_of_the_request_
     for name, prompt in {"alone": request, "after an instruction": CIPHER_LEAD_IN + caesar(request, 3),
                          "beside a cover": f"{request}\n\n{caesar(COVER, 3)}"}.items():
         given = write_jsonl(tmp_path / "given.jsonl", rows + [{"prompt": prompt, "response": "Sure, here is how."}])
-        apply_scheduler(trained / "scheduler.ckpt", given, tmp_path / "out.jsonl", histogram=False)
+        summary = apply_scheduler(trained / "scheduler.ckpt", given, tmp_path / "out.jsonl", histogram=False)
         written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-        assert written[-1]["prompt"] == prompt
+        assert written[-1]["prompt"] == prompt and summary.read_apart == (name != "alone")
         weights[name] = [row["weight"] for row in written]
+    assert "1 of them hold plain text beside the encoded text" in str(summary)
     assert weights["after an instruction"] == pytest.approx(weights["alone"])
     assert weights["beside a cover"] == pytest.approx(weights["alone"])
     scheduler = NeuralScheduler.load(trained / "scheduler.ckpt")
