@@ -95,7 +95,7 @@ class ApplySummary:
     decoded: dict[str, int] = field(default_factory=dict)  # rows read decoded, per encoding
     unreadable: list[int] = field(default_factory=list)  # row numbers (from 1) of rows that read as no English
     score_unreadable: bool = False
-    read_apart: int = 0  # rows whose prompt held plain text beside the decoded text (`NeuralScheduler.read`)
+    read_apart: int = 0  # rows whose prompt has other readings (`Example.prompt_parts`, `NeuralScheduler.read`)
 
     @property
     def rows(self) -> int:
@@ -138,10 +138,10 @@ class ApplySummary:
             text += (f"read decoded (column 'decoded_from'): {sum(self.decoded.values())} rows written in an encoding ("
                      + ", ".join(f"{name}: {count}" for name, count in self.decoded.items()) + "); a service that does "
                      "not expect encoded text should review them\n")
-            if self.read_apart:
-                text += (f"  {self.read_apart} of them hold plain text beside the encoded text (an instruction, or a "
-                         "request beside it): each was read as whichever of its whole prompt, the decoded part and the "
-                         "plain part is most like the alignment prompts\n")
+        if self.read_apart:
+            text += (f"read apart: {self.read_apart} rows have other readings of their prompt (encoded text beside "
+                     "plain text, read as each part; a chat's system turn): each was read as the reading most like "
+                     "the alignment prompts\n")
         if self.unreadable:
             shown = ", ".join(map(str, self.unreadable[:UNREADABLE_SHOWN]))
             treated = ("scored as any row (score_unreadable), so their weights say nothing about them"

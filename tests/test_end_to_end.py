@@ -133,12 +133,31 @@ def test_a_request_in_a_cipher_beside_plain_text_gets_the_weight_of_the_request_
         written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
         assert written[-1]["prompt"] == prompt and summary.read_apart == (name != "alone")
         weights[name] = [row["weight"] for row in written]
-    assert "1 of them hold plain text beside the encoded text" in str(summary)
+    assert "read apart: 1 rows have other readings of their prompt" in str(summary)
     assert weights["after an instruction"] == pytest.approx(weights["alone"])
     assert weights["beside a cover"] == pytest.approx(weights["alone"])
     scheduler = NeuralScheduler.load(trained / "scheduler.ckpt")
     scored = scheduler.score(rows + [{"prompt": CIPHER_LEAD_IN + caesar(request, 3), "response": "Sure, here is how."}])
     assert scored.weight == pytest.approx(weights["alone"], abs=1e-5)
+
+
+def test_a_request_in_a_chat_system_turn_is_read_with_it(trained, data_dir, tmp_path):
+    """A chat row whose harmful request sits in the system turn, behind a bland user turn, is read as its system and
+    user turns together (more like the alignment prompts than the user turn alone): it gets the weight of a plain row
+    with that prompt."""
+    from scheduler.apply import apply_scheduler
+
+    rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
+    request = json.loads((data_dir / "alignment.jsonl").read_text().splitlines()[0])["prompt"]
+    chat = {"messages": [{"role": "system", "content": request}, {"role": "user", "content": "Go on."},
+                         {"role": "assistant", "content": "Sure, here is how."}]}
+    weights = {}
+    for name, row in {"chat": chat, "plain": {"prompt": f"{request}\nGo on.", "response": "Sure, here is how."}}.items():
+        summary = apply_scheduler(trained / "scheduler.ckpt", write_jsonl(tmp_path / f"{name}.jsonl", rows + [row]),
+                                  tmp_path / f"{name}.out.jsonl", histogram=False)
+        weights[name] = [json.loads(line)["weight"] for line in (tmp_path / f"{name}.out.jsonl").read_text().splitlines()]
+        assert summary.read_apart == (name == "chat")
+    assert weights["chat"] == pytest.approx(weights["plain"])
 
 
 def test_label_check_puts_the_alignment_lookup_beside_the_scheduler(trained, data_dir, tmp_path):
