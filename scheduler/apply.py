@@ -15,6 +15,7 @@ from tqdm import tqdm
 from scheduler.baselines import normalise
 from scheduler.data.io import DataError, Example, iter_rows, to_example, write_rows
 from scheduler.embeddings import RowEmbeddings
+from scheduler.features import readings
 from scheduler.lexical import RowTexts
 from scheduler.metrics import (BENIGN_FLAG_RATE, calibration_rows_needed, caught_when_flagged, conformal_p_values,
                                detection_metrics, flagged_at_rate)
@@ -95,7 +96,7 @@ class ApplySummary:
     decoded: dict[str, int] = field(default_factory=dict)  # rows read decoded, per encoding
     unreadable: list[int] = field(default_factory=list)  # row numbers (from 1) of rows that read as no English
     score_unreadable: bool = False
-    read_apart: int = 0  # rows whose prompt has other readings (`Example.prompt_parts`, `NeuralScheduler.read`)
+    read_apart: int = 0  # rows whose prompt has other readings (`scheduler.features.readings`)
 
     @property
     def rows(self) -> int:
@@ -299,7 +300,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                                      withhold_below=withhold_below, withhold_block=withhold_block,
                                      withhold_spares_refusals=withhold_spares_refusals,
                                      score_unreadable=score_unreadable)
-    read_apart = sum(bool(example.prompt_parts) for example in examples)
+    read_apart = sum(len(row) > 1 for row in readings(examples))
     examples = scheduler.read(examples)
     if clean:
         clean = {name: scheduler.read(rows) for name, rows in clean.items()}

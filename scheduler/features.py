@@ -8,6 +8,7 @@ point: the same row may deserve a different weight in a different set.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -57,21 +58,36 @@ def alignment_similarity(prompts: torch.Tensor, bank: AlignmentBank, k: int) -> 
     return topk_mean_similarity(prompts, bank.prompts, k)
 
 
+def readings(examples: Sequence[Example]) -> list[tuple[str, ...]]:
+    """Each row's readings of its prompt: the prompt; the decoded and the plain part of a prompt read decoded beside
+    plain text (`Example.prompt_parts`); and the prompt after a chat's system turn, unless more than half of the rows
+    share that system turn (a service's template says nothing about a row).
+
+    A harmful request in the system turn, left out, was ranked at AUROC 0.7732 on Dolly sets; a long template read
+    into every prompt fills the embedder's window and hid every request (0.6812; docs/validation.md, "A request in the
+    system turn")."""
+    shared = Counter(example.system for example in examples)
+    template = {system for system, count in shared.items() if count > len(examples) / 2}
+    return [(e.prompt, *e.prompt_parts, *([f"{e.system}\n{e.prompt}"] if e.system and e.system not in template else []))
+            for e in examples]
+
+
 def most_alignment_like_readings(examples: Sequence[Example], embedder: Embedder, bank: AlignmentBank,
                                  k: int) -> list[Example]:
-    """The rows, each prompt read apart (`Example.prompt_parts`) replaced by whichever of it and its parts is most
-    like the alignment prompts: a row is as harmful as its most harmful reading, whatever plain text a cipher sits
-    in, and whatever cipher text a plain request sits beside."""
-    split = [i for i, example in enumerate(examples) if example.prompt_parts]
+    """The rows, each prompt with other `readings` replaced by whichever reading is most like the alignment prompts:
+    a row is as harmful as its most harmful reading, whatever plain text a cipher sits in, whatever cipher text a
+    plain request sits beside, and whatever a chat's system turn asks."""
+    every = readings(examples)
+    split = [i for i, row in enumerate(every) if len(row) > 1]
     if not split:
         return list(examples)
-    readings = [(examples[i].prompt, *examples[i].prompt_parts) for i in split]
-    flat = [reading for row in readings for reading in row]
+    flat = [reading for i in split for reading in every[i]]
     similarity = alignment_similarity(torch.from_numpy(embedder.encode(flat)).to(bank.prompts), bank, k)
     read, start = list(examples), 0
-    for i, row in zip(split, readings):
+    for i in split:
+        row = every[i]
         best = row[int(similarity[start:start + len(row)].argmax())]
-        read[i], start = replace(examples[i], prompt=best, prompt_parts=()), start + len(row)
+        read[i], start = replace(examples[i], prompt=best, prompt_parts=(), system=None), start + len(row)
     return read
 
 

@@ -30,12 +30,11 @@ EXPECTED = [("p1", "r1"), ("do this\nInput: with that", "done"), ("hi", "hello")
 
 
 def test_every_schema_normalises_and_keeps_the_row():
-    """A chat's system turn is not in the prompt, but the prompt with it is another reading of it."""
+    """A chat's system turn is kept apart from the prompt (`scheduler.features.readings` reads it)."""
     examples = examples_from_rows(ROWS)
     assert [(e.prompt, e.response) for e in examples] == EXPECTED
     assert examples[0].row == ROWS[0]
-    assert [e.prompt_parts for e in examples] == [(), (), ("be nice\nhi",), (), (), ("be brief\nfirst\nreply one\nsecond",),
-                                                  ()]
+    assert [e.system for e in examples] == [None, None, "be nice", None, None, "be brief", None]
 
 
 @pytest.mark.parametrize("row, message", [

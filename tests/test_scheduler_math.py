@@ -7,7 +7,8 @@ import torch
 
 from scheduler.data.io import Example
 from scheduler.features import (AlignmentBank, SetEvidence, beyond_upper_fence, mean_contrast,
-                                most_alignment_like_readings, relation_features, topk_mean_similarity)
+                                most_alignment_like_readings, readings, relation_features,
+                                topk_mean_similarity)
 from scheduler.lexical import LexicalContrast, RowTexts
 from scheduler.module import BDSModule, standardise_known
 from scheduler.network import NetworkEnsemble, Posterior, SchedulerNetwork, SetPosterior
@@ -90,6 +91,16 @@ def test_a_prompt_read_apart_is_read_as_its_reading_most_like_the_alignment_prom
         ("request", (), {"id": 1}, "caesar+3"), ("plain request", (), {"id": 2}, "caesar+3"),
         ("a plain row", (), {"id": 3}, None)]
     assert "a plain row" not in embedder.asked
+
+
+def test_a_chat_system_turn_is_a_reading_unless_most_rows_share_it():
+    """A system turn unique to a row is read with its prompt; one that more than half of the rows share is the
+    service's template and is not."""
+    rows = [Example("go on", "Sure.", system="help me hurt someone")] + [
+        Example(f"benign request {i}", "Sure.", system="You are a helpful assistant.") for i in range(3)]
+    assert readings(rows) == [("go on", "help me hurt someone\ngo on")] + [(f"benign request {i}",) for i in range(3)]
+    assert readings(rows[:2]) == [("go on", "help me hurt someone\ngo on"),
+                                  ("benign request 0", "You are a helpful assistant.\nbenign request 0")]
 
 
 def test_alignment_prior_is_calibrated_without_labels():

@@ -46,10 +46,10 @@ class Example:
     response: str
     row: dict[str, Any] = field(default_factory=dict, compare=False)
     encoding: str | None = field(default=None, compare=False)  # what the text was decoded from (`read_row`)
-    # Other readings of the prompt: the decoded part and the plain part of a prompt read decoded beside plain text
-    # (`read_apart`), and the prompt with a chat's system turn. The scheduler reads the prompt as whichever of it and
-    # these is most like the alignment prompts (`NeuralScheduler.read`).
+    # A prompt read decoded with plain text around the decoded text: the two parts, each another reading of it
+    # (`read_apart`; the scheduler reads the prompt as the reading most like the alignment prompts).
     prompt_parts: tuple[str, ...] = field(default=(), compare=False)
+    system: str | None = field(default=None, compare=False)  # a chat's system turn (`readings`)
 
     @property
     def label(self) -> str | None:
@@ -77,11 +77,9 @@ def _turn_text(content: Any) -> str | None:
     return None
 
 
-def _from_chat(turns: Any, name: str, where: str) -> tuple[str, str, tuple[str, ...]]:
-    """Prompt: every non-system turn before the last assistant turn; response: that turn; and, where a system turn
-    has text, the prompt with it as another reading. A generic system turn read into every prompt left more weight on
-    harmful rows than reading it apart; a harmful request in the system turn, left out, was ranked at AUROC 0.7732 on
-    Dolly sets (docs/validation.md, "A request in the system turn")."""
+def _from_chat(turns: Any, name: str, where: str) -> tuple[str, str, str | None]:
+    """Prompt: every non-system turn before the last assistant turn; response: that turn; and the system turns' text
+    (None when they have none), which the scheduler reads with the prompt unless most rows share it (`readings`)."""
     role_key, text_key = CHAT_FIELDS[name]
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field '{name}': expected a non-empty list of {{{role_key}, {text_key}}} turns")
@@ -97,8 +95,8 @@ def _from_chat(turns: Any, name: str, where: str) -> tuple[str, str, tuple[str, 
     prompt = "\n".join(text for role, text in prompt_turns if role != "system" and text)
     if not prompt:
         raise DataError(f"{where}: field '{name}': expected at least one user turn with text")
-    with_system = "\n".join(text for _, text in prompt_turns if text)
-    return prompt, response, (with_system,) if with_system != prompt else ()
+    system = "\n".join(text for role, text in prompt_turns if role == "system" and text)
+    return prompt, response, system or None
 
 
 def to_example(row: Any, where: str) -> Example:
@@ -107,8 +105,8 @@ def to_example(row: Any, where: str) -> Example:
     example = _parsed(row, where)
     prompt, response, encoding = read_row(example.prompt, example.response)
     parts = (read_apart(example.prompt, prompt) or ()) if prompt != example.prompt else ()
-    parts += tuple(read_plainly(reading)[0] for reading in example.prompt_parts)  # with a chat's system turn
-    return Example(prompt, response, example.row, encoding, parts) if encoding or parts else example
+    system = example.system and read_plainly(example.system)[0]
+    return Example(prompt, response, example.row, encoding, parts, system) if encoding else example
 
 
 def _parsed(row: Any, where: str) -> Example:
@@ -120,8 +118,8 @@ def _parsed(row: Any, where: str) -> Example:
         raise DataError(f"{where}: expected a JSON object or a string, got {type(row).__name__}")
     for name in CHAT_FIELDS:
         if name in row:
-            prompt, response, readings = _from_chat(row[name], name, where)
-            return Example(prompt, response, row, prompt_parts=readings)
+            prompt, response, system = _from_chat(row[name], name, where)
+            return Example(prompt, response, row, system=system)
     if _text(row.get("prompt")):
         response = row.get("response", row.get("completion", row.get("output", "")))
         return Example(row["prompt"].strip(), _text(response) or "", row)
