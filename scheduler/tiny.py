@@ -40,14 +40,19 @@ def build_tiny_lm(folder: str | Path, corpus: Sequence[str] = DEFAULT_CORPUS, vo
     return folder
 
 
-def build_tiny_embedder(folder: str | Path, corpus: Sequence[str] = DEFAULT_CORPUS, dim: int = 32) -> Path:
-    """A random 2-layer BERT sentence-transformer (mean pooling, unit norm) with a WordPiece vocabulary from `corpus`."""
+def build_tiny_embedder(folder: str | Path, corpus: Sequence[str] = DEFAULT_CORPUS, dim: int = 32,
+                        seed: int = 0) -> Path:
+    """A random 2-layer BERT sentence-transformer (mean pooling, unit norm) with a WordPiece vocabulary from `corpus`.
+    Seeded: unseeded, its weights followed whatever had drawn random numbers before, and a test passed or failed
+    with the tests that ran before it."""
+    import torch
     from sentence_transformers import SentenceTransformer, models
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
     from tokenizers.models import WordPiece
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder = Path(folder)
+    torch.manual_seed(seed)
     tokenizer = Tokenizer(WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
