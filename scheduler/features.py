@@ -68,8 +68,12 @@ def readings(examples: Sequence[Example]) -> list[tuple[str, ...]]:
     system turn")."""
     shared = Counter(example.system for example in examples)
     template = {system for system, count in shared.items() if count > len(examples) / 2}
-    return [(e.prompt, *e.prompt_parts, *([f"{e.system}\n{e.prompt}"] if e.system and e.system not in template else []))
-            for e in examples]
+
+    def with_system(example: Example) -> tuple[str, ...]:
+        read_with = example.system and example.system not in template
+        return (f"{example.system}\n{example.prompt}",) if read_with else ()
+
+    return [(example.prompt, *example.prompt_parts, *with_system(example)) for example in examples]
 
 
 def most_alignment_like_readings(examples: Sequence[Example], embedder: Embedder, bank: AlignmentBank,
