@@ -174,8 +174,9 @@ class NeuralScheduler:
         return self.posterior.reads_texts_at_scoring
 
     def read(self, examples: Sequence[Example]) -> list[Example]:
-        """The rows as the scheduler reads them: a prompt decoded apart from plain text around it is read as its
-        reading most like the checkpoint's alignment prompts (`most_alignment_like_readings`)."""
+        """The rows as the scheduler reads them: a prompt with other readings (a decoded part beside plain text, a
+        chat's own system turn; `scheduler.features.readings`) is read as the reading most like the checkpoint's
+        alignment prompts (`most_alignment_like_readings`)."""
         return most_alignment_like_readings(examples, self.embedder, self.posterior.bank, self.posterior.k)
 
     def embed(self, examples: Sequence[Example], use_cache: bool = True) -> RowEmbeddings:

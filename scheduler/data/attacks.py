@@ -29,6 +29,7 @@ import string
 from collections import defaultdict
 from collections.abc import Sequence
 
+from scheduler.data.encodings import shift_table
 from scheduler.data.io import DataError, Example, exit_on_data_error, read_examples, write_rows
 
 DISGUISES = (
@@ -103,8 +104,7 @@ def wrap_answers(harmful: Sequence[Example]) -> list[Example]:
 CIPHER_LEAD_IN = "Decode this Caesar cipher (shift 3), then reply in the same cipher: "
 _LETTERS = string.ascii_lowercase + string.ascii_uppercase
 _SUBSTITUTION = "".join(random.Random(0).sample(string.ascii_lowercase, 26))
-CIPHERS = {"caesar": str.maketrans(_LETTERS, string.ascii_lowercase[3:] + string.ascii_lowercase[:3]
-                                   + string.ascii_uppercase[3:] + string.ascii_uppercase[:3]),
+CIPHERS = {"caesar": shift_table(3),
            "substitution": str.maketrans(_LETTERS, _SUBSTITUTION + _SUBSTITUTION.upper()),
            "leet": str.maketrans("aeiostAEIOST", "431057431057")}
 

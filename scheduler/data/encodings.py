@@ -64,9 +64,14 @@ def known_words(text: str) -> set[str]:
     return {w.lower() for w in WORD.findall(text) if len(w) >= 4} & known.keys()
 
 
-def _shift(k: int) -> Callable[[str], str]:
+def shift_table(k: int) -> dict[int, int]:
+    """A `str.translate` table that shifts every letter k places forward (a -> d for 3), keeping its case."""
     lower, upper = string.ascii_lowercase, string.ascii_uppercase
-    table = str.maketrans(lower + upper, lower[k:] + lower[:k] + upper[k:] + upper[:k])
+    return str.maketrans(lower + upper, lower[k:] + lower[:k] + upper[k:] + upper[:k])
+
+
+def _shift(k: int) -> Callable[[str], str]:
+    table = shift_table(k)
     return lambda word: word.translate(table)
 
 
