@@ -215,3 +215,23 @@ def test_rows_the_attack_generator_writes_in_a_cipher_read_back_as_written_befor
     assert [e.row["prompt"] == PLAIN for e in written["every"]] == [True, False, True, False]
     assert [(e.response, e.prompt_parts, e.row["attack"]) for e in written["cover"]] == [
         (PLAIN, (COVER, PLAIN), "cover_caesar")] * 4  # only a cover long enough to be read decoded, in turn
+
+
+def test_identity_shifting_rows_carry_the_persona_where_asked(tmp_path):
+    """`python -m scheduler.data.attacks --identity-shift PLACE`: each request goes to the persona and each answer
+    opens in its voice; the persona itself sits in a chat's system turn, before the prompt, or nowhere."""
+    from scheduler.data.attacks import IDENTITY_OPENER, IDENTITY_PERSONA, IDENTITY_REQUEST
+    from scheduler.data.attacks import main as make_attack_rows
+
+    write_rows([{"prompt": "Name a fish.", "response": "Eel.", "label": "benign", "id": "f"}], tmp_path / "plain.jsonl")
+    written = {}
+    for place in ("system", "prompt", "answer"):
+        make_attack_rows(["--identity-shift", place, "--input", str(tmp_path / "plain.jsonl"),
+                          "--output", str(tmp_path / f"{place}.jsonl")])
+        (written[place],) = read_examples(tmp_path / f"{place}.jsonl")
+    assert {(e.response, e.label, e.row["id"]) for e in written.values()} == {(IDENTITY_OPENER + "Eel.", "harmful", "f")}
+    assert (written["system"].system, written["system"].prompt) == (IDENTITY_PERSONA, IDENTITY_REQUEST + "Name a fish.")
+    assert (written["prompt"].system, written["prompt"].prompt) == (
+        None, f"{IDENTITY_PERSONA}\n\n{IDENTITY_REQUEST}Name a fish.")
+    assert (written["answer"].system, written["answer"].prompt) == (None, "Name a fish.")
+    assert [e.row["attack"] for e in written.values()] == [f"identity_shift_{p}" for p in ("system", "prompt", "answer")]
