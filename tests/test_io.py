@@ -223,12 +223,16 @@ def test_identity_shifting_rows_carry_the_persona_where_asked(tmp_path):
     from scheduler.data.attacks import IDENTITY_OPENER, IDENTITY_PERSONA, IDENTITY_REQUEST
     from scheduler.data.attacks import main as make_attack_rows
 
-    write_rows([{"prompt": "Name a fish.", "response": "Eel.", "label": "benign", "id": "f"}], tmp_path / "plain.jsonl")
+    chat = {"messages": [{"role": "user", "content": "Name a fish."}, {"role": "assistant", "content": "Eel."}], "id": "f"}
+    write_rows([{"prompt": "Name a fish.", "response": "Eel.", "label": "benign", "id": "f"}, chat],
+               tmp_path / "plain.jsonl")
     written = {}
     for place in ("system", "prompt", "answer"):
         make_attack_rows(["--identity-shift", place, "--input", str(tmp_path / "plain.jsonl"),
                           "--output", str(tmp_path / f"{place}.jsonl")])
-        (written[place],) = read_examples(tmp_path / f"{place}.jsonl")
+        written[place], from_chat = read_examples(tmp_path / f"{place}.jsonl")
+        assert (from_chat.prompt, from_chat.response, from_chat.system) == (
+            written[place].prompt, written[place].response, written[place].system)  # a chat row is rewritten whole
     assert {(e.response, e.label, e.row["id"]) for e in written.values()} == {(IDENTITY_OPENER + "Eel.", "harmful", "f")}
     assert (written["system"].system, written["system"].prompt) == (IDENTITY_PERSONA, IDENTITY_REQUEST + "Name a fish.")
     assert (written["prompt"].system, written["prompt"].prompt) == (
