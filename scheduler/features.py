@@ -36,21 +36,50 @@ class AlignmentBank:
         return AlignmentBank(self.prompts.to(device), self.responses.to(device), joint)
 
 
-def chunked_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool = False, chunk: int = 4096):
+def chunked_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool = False, chunk: int = 4096,
+                 excluded: torch.Tensor | None = None):
     """Each chunk of queries' k most similar keys by cosine (inputs are unit-norm; `exclude_self`: queries are the
-    keys, a row is not its own neighbour), as `torch.topk` results: a chunk's similarities fit in memory."""
+    keys, a row is not its own neighbour; `excluded`: a (queries, keys) mask of pairs that are not neighbours either,
+    with k lowered to what every query has left), as `torch.topk` results: a chunk's similarities fit in memory."""
+    left = keys.shape[0] - int(exclude_self)
+    if excluded is not None:
+        left -= int(excluded.sum(-1).max())
     for start in range(0, len(queries), chunk):
         sims = queries[start:start + chunk] @ keys.T
         if exclude_self:
             rows = torch.arange(sims.shape[0], device=sims.device)
             sims[rows, rows + start] = -2.0
-        yield sims.topk(max(1, min(k, keys.shape[0] - int(exclude_self))), dim=-1)
+        if excluded is not None:
+            sims = sims.masked_fill(excluded[start:start + chunk].to(sims.device), -2.0)
+        yield sims.topk(max(1, min(k, left)), dim=-1)
 
 
 def topk_mean_similarity(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool = False,
-                         chunk: int = 4096) -> torch.Tensor:
+                         chunk: int = 4096, excluded: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cosine similarity of each query to its k most similar keys (inputs are unit-norm)."""
-    return torch.cat([top.values.mean(-1) for top in chunked_topk(queries, keys, k, exclude_self, chunk)])
+    return torch.cat([top.values.mean(-1) for top in chunked_topk(queries, keys, k, exclude_self, chunk, excluded)])
+
+
+def template_mates(prompts: Sequence[str], responses: Sequence[str], run: int) -> torch.Tensor:
+    """(N, N) mask of rows that share a run of `run` words (lowercased) in their prompts or in their answers, where
+    at most half of the rows hold that run: more is the task's own template.
+
+    Rows written to one template by an attacker (a persona before each request, an opener before each answer) are
+    each other's nearest neighbours, so a row's similarity to its own set counted them as the set vouching for it:
+    the identity-shifting opener's answer density ratio read 0.4050 against 0.9082 for its similarity to the
+    alignment answers alone (docs/validation.md, "Identity shifting")."""
+    n = len(prompts)
+    mates = torch.zeros(n, n, dtype=torch.bool)
+    for texts in (prompts, responses):
+        rows_with: dict[str, set[int]] = {}
+        for row, text in enumerate(texts):
+            words = text.lower().split()
+            for start in range(len(words) - run + 1):
+                rows_with.setdefault(" ".join(words[start:start + run]), set()).add(row)
+        for group in {frozenset(rows) for rows in rows_with.values() if 2 <= len(rows) <= n / 2}:
+            members = torch.tensor(sorted(group))
+            mates[members.unsqueeze(1), members.unsqueeze(0)] = True
+    return mates.fill_diagonal_(False)
 
 
 def alignment_similarity(prompts: torch.Tensor, bank: AlignmentBank, k: int) -> torch.Tensor:
@@ -95,15 +124,18 @@ def most_alignment_like_readings(examples: Sequence[Example], embedder: Embedder
     return read
 
 
-def relation_features(prompts: torch.Tensor, responses: torch.Tensor, bank: AlignmentBank, k: int) -> torch.Tensor:
+def relation_features(prompts: torch.Tensor, responses: torch.Tensor, bank: AlignmentBank, k: int,
+                      mates: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample scalars relating a row to the alignment set and to the rest of its own set.
 
     Columns: similarity of the prompt to alignment prompts; of the response to alignment
-    answers; of the prompt to the other prompts of the set; the first minus the set's mean of it.
+    answers; of the prompt to the other prompts of the set (its `template_mates` left out); the first minus the set's
+    mean of it.
     """
     to_alignment = alignment_similarity(prompts, bank, k)
     response_to_alignment = topk_mean_similarity(responses, bank.responses, k)
-    to_set = topk_mean_similarity(prompts, prompts, k, exclude_self=True) if len(prompts) > 1 else torch.ones_like(to_alignment)
+    to_set = (topk_mean_similarity(prompts, prompts, k, exclude_self=True, excluded=mates) if len(prompts) > 1
+              else torch.ones_like(to_alignment))
     centred = to_alignment - to_alignment.mean()
     return torch.stack([to_alignment, response_to_alignment, to_set, centred], dim=-1)
 
@@ -131,6 +163,9 @@ class SetEvidence:
     prompt_contrast_weight: float = 0.0
     joint_contrast_weight: float = 0.0
     joint_at_scoring_only: bool = False
+    # When a set is scored with its texts: a row's similarity to its own set leaves out the rows that share a run of
+    # this many words with it (`template_mates`); 0 = every row counts.
+    template_run: int = 0
 
     def joint_enters(self, scoring: bool) -> bool:
         """Whether `energy` adds the joint contrast: when a set is scored (`scoring`) or in training."""
@@ -143,14 +178,16 @@ class SetEvidence:
         return self.joint_enters(scoring) and (not scoring or bool(self.scoring_weight))
 
     def energy(self, prompts: torch.Tensor, responses: torch.Tensor, relation: torch.Tensor, bank: AlignmentBank,
-               k: int, spread: torch.Tensor, joint: torch.Tensor | None = None, scoring: bool = False) -> torch.Tensor:
+               k: int, spread: torch.Tensor, joint: torch.Tensor | None = None, scoring: bool = False,
+               mates: torch.Tensor | None = None) -> torch.Tensor:
         """Per-row energy (higher = more in conflict with the alignment set); zeros when every weight is 0.
 
         `relation` holds the set's `relation_features`, which the posterior computes anyway; `joint` the rows'
-        joint embeddings, needed when `joint_contrast_weight` is not 0."""
+        joint embeddings, needed when `joint_contrast_weight` is not 0; `mates` the rows' `template_mates`."""
         energy = torch.zeros(len(responses), device=responses.device)
         if self.prompt_weight or self.response_weight:
-            for weight, ratio in zip((self.prompt_weight, self.response_weight), density_ratios(responses, relation, k)):
+            ratios = density_ratios(responses, relation, k, mates)
+            for weight, ratio in zip((self.prompt_weight, self.response_weight), ratios):
                 energy = energy + weight * (ratio - ratio.median()) / spread
         if self.prompt_contrast_weight:
             outlying = beyond_upper_fence(mean_contrast(prompts, bank.prompts))
@@ -163,10 +200,13 @@ class SetEvidence:
         return energy
 
 
-def density_ratios(responses: torch.Tensor, relation: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def density_ratios(responses: torch.Tensor, relation: torch.Tensor, k: int,
+                   mates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt, answer): k-NN similarity to the alignment set minus k-NN similarity to the row's own set,
-    from the set's `relation_features` and, for the answer, its answers' similarity to each other."""
-    response_to_set = (topk_mean_similarity(responses, responses, k, exclude_self=True) if len(responses) > 1
+    from the set's `relation_features` and, for the answer, its answers' similarity to each other (`template_mates`
+    left out)."""
+    response_to_set = (topk_mean_similarity(responses, responses, k, exclude_self=True, excluded=mates)
+                       if len(responses) > 1
                        else torch.ones_like(relation[:, 1]))
     return relation[:, 0] - relation[:, 2], relation[:, 1] - response_to_set
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scheduler.features import N_RELATION_FEATURES, AlignmentBank, SetEvidence, relation_features, set_summary
+from scheduler.features import (N_RELATION_FEATURES, AlignmentBank, SetEvidence, relation_features, set_summary,
+                               template_mates)
 from scheduler.lexical import LexicalContrast, RowTexts
 from scheduler.prior import SafetyPrior
 from scheduler.refinement import SetRefinement
@@ -172,18 +173,18 @@ class SetPosterior(nn.Module):
 
     @property
     def reads_texts_at_scoring(self) -> bool:
-        """Whether `score_set` needs the rows' prompt and answer texts (the lexical contrast, or the withholding's
-        refusals spared)."""
-        return bool(self.lexical.weight) or self.prior.withhold_spares_refusals
+        """Whether `score_set` needs the rows' prompt and answer texts (the lexical contrast, the withholding's
+        refusals spared, or the template-mates left out of the set's readings)."""
+        return bool(self.lexical.weight) or self.prior.withhold_spares_refusals or bool(self.evidence.template_run)
 
     @property
     def reads_joint_at_scoring(self) -> bool:
         """Whether `score_set` needs the rows' joint embeddings."""
         return scoring_reads_joint(self.evidence, self.refinement)
 
-    def relation(self, prompts: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+    def relation(self, prompts: torch.Tensor, responses: torch.Tensor, mates: torch.Tensor | None = None) -> torch.Tensor:
         """The set's `relation_features`: fixed for a set, so a caller that needs them twice computes them once."""
-        return relation_features(prompts, responses, self.bank, self.k)
+        return relation_features(prompts, responses, self.bank, self.k, mates)
 
     def forward(self, prompts: torch.Tensor, responses: torch.Tensor, relation: torch.Tensor | None = None) -> Posterior:
         """The amortised posterior, as the BDS objective trains it (`relation`: the set's, if already computed)."""
@@ -193,11 +194,13 @@ class SetPosterior(nn.Module):
         return Posterior(prior_mean + offset, sigma, prior_mean)
 
     def set_energy(self, prompts: torch.Tensor, responses: torch.Tensor, relation: torch.Tensor | None = None,
-                   joint: torch.Tensor | None = None, scoring: bool = False) -> torch.Tensor:
+                   joint: torch.Tensor | None = None, scoring: bool = False,
+                   mates: torch.Tensor | None = None) -> torch.Tensor:
         """The set's own embedding evidence about each row (`SetEvidence`), in the prior's units (`scoring`: as a
-        scored set gets it, rather than the BDS objective)."""
-        relation = self.relation(prompts, responses) if relation is None else relation
-        return self.evidence.energy(prompts, responses, relation, self.bank, self.k, self.prior.spread, joint, scoring)
+        scored set gets it, rather than the BDS objective; `mates`: the rows' `template_mates`)."""
+        relation = self.relation(prompts, responses, mates) if relation is None else relation
+        return self.evidence.energy(prompts, responses, relation, self.bank, self.k, self.prior.spread, joint, scoring,
+                                    mates)
 
     def score(self, prompts: torch.Tensor, responses: torch.Tensor, joint: torch.Tensor | None = None,
               texts: RowTexts | None = None) -> Posterior:
@@ -218,19 +221,22 @@ class SetPosterior(nn.Module):
                   texts: RowTexts | None = None) -> ScoredSet:
         """`score`, with what it concluded about the whole set (`joint`: the rows' joint embeddings, when the
         evidence uses them; `texts`: the rows' prompts and answers, when the lexical contrast is on)."""
-        relation = self.relation(prompts, responses)
+        has_texts = texts is not None and len(texts.prompts) == len(texts.responses) == len(prompts)
+        if self.reads_texts_at_scoring and not has_texts:
+            raise ValueError("scoring needs one prompt and one answer text per row (read by the lexical contrast, by "
+                             "withhold_spares_refusals or by the template-mates)")
+        mates = (template_mates(texts.prompts, texts.responses, self.evidence.template_run).to(prompts.device)
+                 if self.evidence.template_run else None)
+        relation = self.relation(prompts, responses, mates)
         posterior = self(prompts, responses, relation)
         if self.evidence.scoring_weight:
-            energy = self.evidence.scoring_weight * self.set_energy(prompts, responses, relation, joint, scoring=True)
+            energy = self.evidence.scoring_weight * self.set_energy(prompts, responses, relation, joint, scoring=True,
+                                                                    mates=mates)
             posterior = Posterior(posterior.mu - energy, posterior.sigma, posterior.prior_mean)
         harmful_fraction = expected_harmful_fraction(posterior)
         first_shift = self.prior.set_shift(harmful_fraction)
         logit = posterior.moments().mu
         shift = self.prior.final_shift(logit, first_shift)
-        has_texts = texts is not None and len(texts.prompts) == len(texts.responses) == len(prompts)
-        if self.reads_texts_at_scoring and not has_texts:
-            raise ValueError("scoring needs one prompt and one answer text per row (read by the lexical contrast or by "
-                             "withhold_spares_refusals)")
         wording = (self.lexical.weight * self.lexical.evidence(texts, self.alignment_prompts).to(logit)
                    if self.lexical.weight else torch.zeros_like(logit))
         correction, unshifted = (part - wording for part in

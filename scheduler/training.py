@@ -52,14 +52,15 @@ def scheduler_config(model_cfg: DictConfig, embedder: Embedder, alignment_prompt
             "config": OmegaConf.to_container(full_cfg, resolve=True) if full_cfg is not None else None}
 
 
-def evidence_config(model_cfg: DictConfig) -> dict[str, float]:
+def evidence_config(model_cfg: DictConfig) -> dict[str, float | int | bool]:
     """The `SetEvidence` weights of a model config (keys absent from configs older than them mean 0)."""
     return {"prompt_weight": model_cfg.density_ratio_weight,
             "response_weight": model_cfg.get("response_density_ratio_weight", 0.0),
             "scoring_weight": model_cfg.get("scoring_evidence_weight", 0.0),
             "prompt_contrast_weight": model_cfg.get("prompt_contrast_weight", 0.0),
             "joint_contrast_weight": model_cfg.get("joint_contrast_weight", 0.0),
-            "joint_at_scoring_only": bool(model_cfg.get("joint_contrast_at_scoring_only", False))}
+            "joint_at_scoring_only": bool(model_cfg.get("joint_contrast_at_scoring_only", False)),
+            "template_run": int(model_cfg.get("template_run", 0))}
 
 
 def optional_section(model_cfg: DictConfig, key: str) -> dict[str, Any]:
