@@ -143,8 +143,8 @@ def test_lower_layer_cache_gives_the_same_losses_and_gradients_and_skips_the_fro
 
 
 def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
-    """A model config written before the answer's density ratio, the scoring evidence or the prompt's mean
-    contrast lacks their keys; a checkpoint's scheduler entry written before the set's evidence (or the
+    """A model config written before the answer's density ratio, the scoring evidence, the prompt's mean
+    contrast or the template-mates lacks their keys; a checkpoint's scheduler entry written before the set's evidence (or the
     refinement) was stored lacks `evidence` (`refinement`), and one written before the confident taper lacks its
     prior keys."""
     from omegaconf import OmegaConf
@@ -158,17 +158,17 @@ def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
     model_cfg = OmegaConf.load(CONFIG_DIR / "model" / "default.yaml")
     assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 1.0, "scoring_weight": 1.0,
                                           "prompt_contrast_weight": 4.0, "joint_contrast_weight": 4.0,
-                                          "joint_at_scoring_only": True}
+                                          "joint_at_scoring_only": True, "template_run": 8}
     assert optional_section(model_cfg, "refinement") == {"neighbour_k": 10, "neighbour_weight": 0.4,
                                                          "component_weight": 20.0, "component_min_mass": 2.0}
     assert optional_section(model_cfg, "lexical") == {"weight": 1.5, "folds": 5, "ngram_range": [3, 5],
                                                       "regularisation": 1.0}
     for key in ("response_density_ratio_weight", "scoring_evidence_weight", "prompt_contrast_weight", "joint_contrast_weight",
-                "joint_contrast_at_scoring_only", "refinement", "lexical"):
+                "joint_contrast_at_scoring_only", "template_run", "refinement", "lexical"):
         del model_cfg[key]
     assert evidence_config(model_cfg) == {"prompt_weight": 0.0, "response_weight": 0.0, "scoring_weight": 0.0,
                                           "prompt_contrast_weight": 0.0, "joint_contrast_weight": 0.0,
-                                          "joint_at_scoring_only": False}
+                                          "joint_at_scoring_only": False, "template_run": 0}
     assert optional_section(model_cfg, "refinement") == {} and optional_section(model_cfg, "lexical") == {}
     bank = AlignmentBank(torch.eye(4)[:2], torch.eye(4)[2:])
     old_entry = {"embed_dim": 4, "network": {"hidden": 8}, "prior": {"kind": "alignment"}, "k": 1}
