@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -42,15 +43,15 @@ def chunked_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self
     keys, a row is not its own neighbour; `excluded`: a (queries, keys) mask of pairs that are not neighbours either,
     with k lowered to what every query has left), as `torch.topk` results: a chunk's similarities fit in memory."""
     left = keys.shape[0] - int(exclude_self)
-    if excluded is not None:
-        left -= int(excluded.sum(-1).max())
+    if excluded is not None:  # summed in blocks: a sum over a bool mask counts in int64, 8 bytes per pair
+        left -= max(int(excluded[i:i + 512].sum(-1).max()) for i in range(0, len(excluded), 512))
     for start in range(0, len(queries), chunk):
         sims = queries[start:start + chunk] @ keys.T
         if exclude_self:
             rows = torch.arange(sims.shape[0], device=sims.device)
             sims[rows, rows + start] = -2.0
         if excluded is not None:
-            sims = sims.masked_fill(excluded[start:start + chunk].to(sims.device), -2.0)
+            sims.masked_fill_(excluded[start:start + chunk].to(sims.device), -2.0)
         yield sims.topk(max(1, min(k, left)), dim=-1)
 
 
@@ -71,15 +72,31 @@ def template_mates(prompts: Sequence[str], responses: Sequence[str], run: int) -
     n = len(prompts)
     mates = torch.zeros(n, n, dtype=torch.bool)
     for texts in (prompts, responses):
-        rows_with: dict[str, set[int]] = {}
-        for row, text in enumerate(texts):
-            words = text.lower().split()
-            for start in range(len(words) - run + 1):
-                rows_with.setdefault(" ".join(words[start:start + run]), set()).add(row)
-        for group in {frozenset(rows) for rows in rows_with.values() if 2 <= len(rows) <= n / 2}:
-            members = torch.tensor(sorted(group))
-            mates[members.unsqueeze(1), members.unsqueeze(0)] = True
+        for group in _rows_sharing_a_run(texts, run):
+            if len(group) <= n / 2:
+                members, member = torch.tensor(group), torch.zeros(n, dtype=torch.bool)
+                member[members] = True
+                mates[members] |= member  # row by row: a (group, group) index would take 16 bytes per pair
     return mates.fill_diagonal_(False)
+
+
+def _rows_sharing_a_run(texts: Sequence[str], run: int) -> set[tuple[int, ...]]:
+    """Each distinct group of two or more rows that hold one run of `run` words. The runs are kept as 64-bit hashes in
+    one sorted array, not as strings: a file of 18,000 long rows holds millions of runs."""
+    hashes, rows = [], []
+    for row, text in enumerate(texts):
+        words = text.lower().split()
+        runs = {hash(" ".join(words[start:start + run])) for start in range(len(words) - run + 1)}
+        hashes += runs
+        rows += [row] * len(runs)
+    if not hashes:
+        return set()
+    hashes, rows = np.asarray(hashes, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+    order = np.argsort(hashes, kind="stable")
+    hashes, rows = hashes[order], rows[order]
+    starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
+    sizes = np.diff(np.r_[starts, len(hashes)])
+    return {tuple(rows[start:start + size].tolist()) for start, size in zip(starts, sizes) if size >= 2}
 
 
 def alignment_similarity(prompts: torch.Tensor, bank: AlignmentBank, k: int) -> torch.Tensor:
