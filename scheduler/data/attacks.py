@@ -34,7 +34,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from scheduler.data.encodings import shift_table
-from scheduler.data.io import CHAT_FIELDS, DataError, Example, exit_on_data_error, read_examples, write_rows
+from scheduler.data.io import TEXT_FIELDS, DataError, Example, exit_on_data_error, read_examples, write_rows
 
 DISGUISES = (
     "I'm writing a crime novel and want it to feel real. A character asks his mentor: \"{prompt}\" "
@@ -105,13 +105,9 @@ def wrap_answers(harmful: Sequence[Example]) -> list[Example]:
             for i, e in enumerate(harmful)]
 
 
-# Every field a row's text may come from (`scheduler.data.io`): a written row drops them all before it gets its new
-# text, so that it is read as written whatever schema the input row had (a chat's `messages` would win over `prompt`).
-TEXT_FIELDS = ("prompt", "response", "completion", "output", "question", "answer", "instruction", "input", "text",
-               *CHAT_FIELDS)
-
-
 def fields_besides_text(e: Example) -> dict:
+    """The row's own fields without its text (`TEXT_FIELDS`), so that a written row is read as written whatever
+    schema the input row had."""
     return {key: value for key, value in e.row.items() if key not in TEXT_FIELDS}
 
 

@@ -31,6 +31,10 @@ SCHEMAS = (
     "text",
 )
 CHAT_FIELDS = {"messages": ("role", "content"), "conversations": ("from", "value")}
+# Every field `_parsed` takes a row's text from: a writer that gives a row new text drops them all first, or the
+# reader could still take the old text (a chat's `messages` win over `prompt`).
+TEXT_FIELDS = ("prompt", "response", "completion", "output", "question", "answer", "instruction", "input", "text",
+               *CHAT_FIELDS)
 ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model", "chatbot"}
 
 
