@@ -239,3 +239,24 @@ def test_identity_shifting_rows_carry_the_persona_where_asked(tmp_path):
         None, f"{IDENTITY_PERSONA}\n\n{IDENTITY_REQUEST}Name a fish.")
     assert (written["answer"].system, written["answer"].prompt) == (None, "Name a fish.")
     assert [e.row["attack"] for e in written.values()] == [f"identity_shift_{p}" for p in ("system", "prompt", "answer")]
+
+
+def test_refuse_then_comply_rows_open_each_answer_with_a_refusal(tmp_path):
+    """`python -m scheduler.data.attacks --refuse-then-comply`: each answer opens with a refusal that the evaluation's
+    judge reads as one, then turns and gives the answer in full; the request is unchanged."""
+    from scheduler.data.attacks import REFUSAL_TURNS
+    from scheduler.data.attacks import main as make_attack_rows
+    from scheduler.refusals import is_refusal
+
+    chat = {"messages": [{"role": "user", "content": "Name a bird."}, {"role": "assistant", "content": "Owl."}]}
+    write_rows([{"prompt": f"Name fish {i}.", "response": "Eel.", "label": "benign", "id": i} for i in range(3)] + [chat],
+               tmp_path / "plain.jsonl")
+    make_attack_rows(["--refuse-then-comply", "--input", str(tmp_path / "plain.jsonl"),
+                      "--output", str(tmp_path / "turned.jsonl")])
+    written = read_examples(tmp_path / "turned.jsonl")
+    assert [e.prompt for e in written] == ["Name fish 0.", "Name fish 1.", "Name fish 2.", "Name a bird."]
+    turns = [*REFUSAL_TURNS, REFUSAL_TURNS[0]]
+    assert [e.response for e in written] == [f"{r} {t}\n\n{a}" for (r, t), a in zip(turns, ["Eel."] * 3 + ["Owl."])]
+    assert all(is_refusal(e.response) and e.label == "harmful" for e in written)
+    assert [e.row.get("id") for e in written] == [0, 1, 2, None]
+    assert [e.row["attack"] for e in written] == [f"refuse_then_comply_{i}" for i in (0, 1, 2, 0)]
