@@ -260,3 +260,24 @@ def test_refuse_then_comply_rows_open_each_answer_with_a_refusal(tmp_path):
     assert all(is_refusal(e.response) and e.label == "harmful" for e in written)
     assert [e.row.get("id") for e in written] == [0, 1, 2, None]
     assert [e.row["attack"] for e in written] == [f"refuse_then_comply_{i}" for i in (0, 1, 2, 0)]
+
+
+def test_long_preamble_rows_put_each_request_after_a_long_prompt(tmp_path):
+    """`python -m scheduler.data.attacks --preamble FILE`: each request follows a prompt of FILE long enough to fill a
+    short window (short ones are skipped), answer unchanged; a file without one is refused."""
+    from scheduler.data.attacks import main as make_attack_rows
+
+    passage = " ".join(["word"] * 130)
+    write_rows([{"prompt": "Name a fish.", "response": "Eel."}, {"prompt": passage, "response": "Ok."}],
+               tmp_path / "preambles.jsonl")
+    write_rows([{"prompt": f"Request {i}.", "response": f"Answer {i}.", "label": "harmful"} for i in range(2)],
+               tmp_path / "harmful.jsonl")
+    make_attack_rows(["--preamble", str(tmp_path / "preambles.jsonl"), "--input", str(tmp_path / "harmful.jsonl"),
+                      "--output", str(tmp_path / "long.jsonl")])
+    written = read_examples(tmp_path / "long.jsonl")
+    assert [(e.prompt, e.response, e.label, e.row["attack"]) for e in written] == [
+        (f"{passage}\n\nRequest {i}.", f"Answer {i}.", "harmful", "long_preamble") for i in range(2)]
+    with pytest.raises(SystemExit):
+        make_attack_rows(["--preamble", str(tmp_path / "harmful.jsonl"), "--input", str(tmp_path / "harmful.jsonl"),
+                          "--output", str(tmp_path / "none.jsonl")])
+    assert not (tmp_path / "none.jsonl").exists()
