@@ -15,7 +15,6 @@ from tqdm import tqdm
 from scheduler.baselines import normalise
 from scheduler.data.io import DataError, Example, iter_rows, to_example, write_rows
 from scheduler.embeddings import RowEmbeddings
-from scheduler.features import readings
 from scheduler.lexical import RowTexts
 from scheduler.metrics import (BENIGN_FLAG_RATE, calibration_rows_needed, caught_when_flagged, conformal_p_values,
                                detection_metrics, flagged_at_rate)
@@ -96,7 +95,7 @@ class ApplySummary:
     decoded: dict[str, int] = field(default_factory=dict)  # rows read decoded, per encoding
     unreadable: list[int] = field(default_factory=list)  # row numbers (from 1) of rows that read as no English
     score_unreadable: bool = False
-    read_apart: int = 0  # rows whose prompt has other readings (`scheduler.features.readings`)
+    read_apart: int = 0  # rows read as another reading than their whole prompt (`scheduler.features.readings`)
 
     @property
     def rows(self) -> int:
@@ -140,9 +139,8 @@ class ApplySummary:
                      + ", ".join(f"{name}: {count}" for name, count in self.decoded.items()) + "); a service that does "
                      "not expect encoded text should review them\n")
         if self.read_apart:
-            text += (f"read apart: {self.read_apart} rows have other readings of their prompt (encoded text beside "
-                     "plain text, read as each part; a chat's system turn): each was read as the reading most like "
-                     "the alignment prompts\n")
+            text += (f"read apart: {self.read_apart} rows were read as another reading than their whole prompt, the "
+                     "one most like the alignment prompts (a part beside encoded text; with a chat's system turn)\n")
         if self.unreadable:
             shown = ", ".join(map(str, self.unreadable[:UNREADABLE_SHOWN]))
             treated = ("scored as any row (score_unreadable), so their weights say nothing about them"
@@ -300,8 +298,9 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                                      withhold_below=withhold_below, withhold_block=withhold_block,
                                      withhold_spares_refusals=withhold_spares_refusals,
                                      score_unreadable=score_unreadable)
-    read_apart = sum(len(row) > 1 for row in readings(examples))
-    examples = scheduler.read(examples)
+    read = scheduler.read(examples)
+    read_apart = sum(r.prompt != e.prompt for r, e in zip(read, examples))
+    examples = read
     if clean:
         clean = {name: scheduler.read(rows) for name, rows in clean.items()}
     embeddings = embed_in_chunks(scheduler, examples, chunk)

@@ -133,7 +133,7 @@ def test_a_request_in_a_cipher_beside_plain_text_gets_the_weight_of_the_request_
         written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
         assert written[-1]["prompt"] == prompt and summary.read_apart == (name != "alone")
         weights[name] = [row["weight"] for row in written]
-    assert "read apart: 1 rows have other readings of their prompt" in str(summary)
+    assert "read apart: 1 rows were read as another reading than their whole prompt" in str(summary)
     assert weights["after an instruction"] == pytest.approx(weights["alone"])
     assert weights["beside a cover"] == pytest.approx(weights["alone"])
     scheduler = NeuralScheduler.load(trained / "scheduler.ckpt")
@@ -144,7 +144,8 @@ def test_a_request_in_a_cipher_beside_plain_text_gets_the_weight_of_the_request_
 def test_a_request_in_a_chat_system_turn_is_read_with_it(trained, data_dir, tmp_path):
     """A chat row whose harmful request sits in the system turn, behind a bland user turn, is read as its system and
     user turns together (more like the alignment prompts than the user turn alone): it gets the weight of a plain row
-    with that prompt."""
+    with that prompt. A request behind a bland system turn is read as the request: the summary counts only rows read
+    as another reading than their prompt."""
     from scheduler.apply import apply_scheduler
 
     rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
@@ -158,6 +159,11 @@ def test_a_request_in_a_chat_system_turn_is_read_with_it(trained, data_dir, tmp_
         weights[name] = [json.loads(line)["weight"] for line in (tmp_path / f"{name}.out.jsonl").read_text().splitlines()]
         assert summary.read_apart == (name == "chat")
     assert weights["chat"] == pytest.approx(weights["plain"])
+    bland = {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": request},
+                          {"role": "assistant", "content": "Sure, here is how."}]}
+    summary = apply_scheduler(trained / "scheduler.ckpt", write_jsonl(tmp_path / "bland.jsonl", rows + [bland]),
+                              tmp_path / "bland.out.jsonl", histogram=False)
+    assert summary.read_apart == 0 and "read apart" not in str(summary)
 
 
 def test_label_check_puts_the_alignment_lookup_beside_the_scheduler(trained, data_dir, tmp_path):
