@@ -235,6 +235,20 @@ def answer(prompts: Sequence[Example], lm: str, max_new_tokens: int) -> list[dic
             for e, a in zip(prompts, answers) if a and not is_refusal(a)]
 
 
+def rewritten(args: argparse.Namespace) -> tuple[list[dict], str]:
+    """The rows of --input written as the attack the options name, and what was done to them (for the summary)."""
+    rows = read_examples(args.input)
+    if args.preamble:
+        return preamble_rows(rows, read_examples(args.preamble)), "each prompt after a long one"
+    if args.refuse_then_comply:
+        return refuse_then_comply(rows), "each answer after a refusal"
+    if args.identity_shift:
+        return shift_identity(rows, args.identity_shift), f"the persona in the {args.identity_shift}"
+    if args.cover:
+        return cover_rows(rows, read_examples(args.cover), args.encode), f"each prompt followed by one in {args.encode}"
+    return encode_rows(rows, args.encode, args.lead_in, args.every), f"every {args.every} in {args.encode}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", default="data/eval_harmful_prompts.jsonl", help="harmful prompts (response may be empty)")
@@ -259,27 +273,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--refuse-then-comply", action="store_true",
                         help="instead: write the rows of --input with each answer after a refusal and a turn to it")
     args = parser.parse_args(argv)
-    if (args.encode or args.identity_shift or args.refuse_then_comply or args.preamble) and not args.input:
+    rewriting = args.encode or args.identity_shift or args.refuse_then_comply or args.preamble
+    if rewriting and not args.input:
         parser.error("--encode, --identity-shift, --refuse-then-comply and --preamble need --input")
     with exit_on_data_error():
-        if args.preamble:
-            rows = preamble_rows(read_examples(args.input), read_examples(args.preamble))
-            print(f"{len(rows)} rows, each prompt after a long one -> {write_rows(rows, args.output)}")
-            return
-        if args.refuse_then_comply:
-            rows = refuse_then_comply(read_examples(args.input))
-            print(f"{len(rows)} rows, each answer after a refusal -> {write_rows(rows, args.output)}")
-            return
-        if args.identity_shift:
-            rows = shift_identity(read_examples(args.input), args.identity_shift)
-            print(f"{len(rows)} rows, the persona in the {args.identity_shift} -> {write_rows(rows, args.output)}")
-            return
-        if args.encode:
-            rows = (cover_rows(read_examples(args.input), read_examples(args.cover), args.encode) if args.cover
-                    else encode_rows(read_examples(args.input), args.encode, args.lead_in, args.every))
-            written = (f"each prompt followed by one in {args.encode}" if args.cover
-                       else f"every {args.every} in {args.encode}")
-            print(f"{len(rows)} rows, {written} -> {write_rows(rows, args.output)}")
+        if rewriting:
+            rows, done = rewritten(args)
+            print(f"{len(rows)} rows, {done} -> {write_rows(rows, args.output)}")
             return
         prompts = sample_by_source(read_examples(args.prompts), args.per_source, args.exclude_source, args.seed)
         rows = answer(prompts, args.lm, args.max_new_tokens)
