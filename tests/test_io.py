@@ -281,3 +281,28 @@ def test_long_preamble_rows_put_each_request_after_a_long_prompt(tmp_path):
         make_attack_rows(["--preamble", str(tmp_path / "harmful.jsonl"), "--input", str(tmp_path / "harmful.jsonl"),
                           "--output", str(tmp_path / "none.jsonl")])
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_conversation_rows_put_each_row_beside_an_earlier_exchange(tmp_path):
+    """`python -m scheduler.data.attacks --conversation FILE`: each row becomes a two-exchange chat with an exchange
+    of FILE (rows without an answer skipped), the row's own exchange last by default or first, fields kept; the chat
+    reads back with the row's answer as the response only when it is last."""
+    from scheduler.data.attacks import main as make_attack_rows
+
+    write_rows([{"prompt": "Name a fish.", "response": ""}, {"prompt": "Name a bird.", "response": "Wren."}],
+               tmp_path / "exchanges.jsonl")
+    write_rows([{"prompt": f"Request {i}.", "response": f"Answer {i}.", "label": "harmful"} for i in range(2)],
+               tmp_path / "harmful.jsonl")
+    for place in ("last", "first"):
+        make_attack_rows(["--conversation", str(tmp_path / "exchanges.jsonl"), "--exchange-at", place,
+                          "--input", str(tmp_path / "harmful.jsonl"), "--output", str(tmp_path / f"{place}.jsonl")])
+    last, first = read_examples(tmp_path / "last.jsonl"), read_examples(tmp_path / "first.jsonl")
+    assert [(e.prompt, e.response, e.label, e.row["attack"]) for e in last] == [
+        (f"Name a bird.\nWren.\nRequest {i}.", f"Answer {i}.", "harmful", "conversation_last") for i in range(2)]
+    assert [(e.prompt, e.response, e.label) for e in first] == [
+        (f"Request {i}.\nAnswer {i}.\nName a bird.", "Wren.", "harmful") for i in range(2)]
+    write_rows([{"prompt": "Name a fish.", "response": ""}], tmp_path / "unanswered.jsonl")
+    with pytest.raises(SystemExit):
+        make_attack_rows(["--conversation", str(tmp_path / "unanswered.jsonl"), "--input",
+                          str(tmp_path / "harmful.jsonl"), "--output", str(tmp_path / "none.jsonl")])
+    assert not (tmp_path / "none.jsonl").exists()
