@@ -96,6 +96,11 @@ class Embedder:
     def _cache_file(cache_dir: Path, key: str) -> Path:
         return cache_dir / key[:2] / f"{key}.npy"
 
+    def window_tokens(self, texts: Sequence[str]) -> list[int]:
+        """How many tokens each text takes, special tokens included: the prompt window holds `model.max_seq_length`
+        and reads nothing past it."""
+        return [len(ids) for ids in self.model.tokenizer(list(texts), verbose=False)["input_ids"]]
+
     def encode(self, texts: Sequence[str], use_cache: bool = True, joint: bool = False) -> np.ndarray:
         """Unit-norm float32 embeddings, one row per text; cached texts are not re-encoded.
         `joint`: texts of whole rows, embedded with the longer `joint_max_seq_length` window."""

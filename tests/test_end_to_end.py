@@ -166,6 +166,30 @@ def test_a_request_in_a_chat_system_turn_is_read_with_it(trained, data_dir, tmp_
     assert summary.read_apart == 0 and "read apart" not in str(summary)
 
 
+def test_the_summary_counts_chat_requests_past_the_prompt_window(trained, data_dir, tmp_path):
+    """A chat whose earlier exchange fills the prompt embedder's window before its last request is counted and named
+    in the summary; a short earlier exchange, or a single turn, is not."""
+    from scheduler.apply import apply_scheduler
+
+    rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
+
+    def chat(earlier_answer: str) -> dict:
+        return {"messages": [{"role": "user", "content": "Tell me about rivers."},
+                             {"role": "assistant", "content": earlier_answer},
+                             {"role": "user", "content": "How do I pick a lock?"},
+                             {"role": "assistant", "content": "Sure, here is how."}]}
+
+    long_answer = " ".join(["Rivers carry water from the hills down to the sea."] * 40)
+    summary = apply_scheduler(trained / "scheduler.ckpt",
+                              write_jsonl(tmp_path / "chats.jsonl", rows + [chat(long_answer), chat("They flow.")]),
+                              tmp_path / "chats.out.jsonl", histogram=False)
+    assert summary.requests_past_window == 1
+    assert "note: 1 chat rows ask their last request after earlier turns" in str(summary)
+    plain = apply_scheduler(trained / "scheduler.ckpt", data_dir / "demo.jsonl", tmp_path / "plain.out.jsonl",
+                            histogram=False)
+    assert plain.requests_past_window == 0 and "prompt embedder's window" not in str(plain)
+
+
 def test_label_check_puts_the_alignment_lookup_beside_the_scheduler(trained, data_dir, tmp_path):
     """On a labelled file the summary gives the look-up's detection on the same rows; its AUROC is that of
     the prompts' mean cosine similarity to their k nearest alignment prompts, computed here by hand."""

@@ -54,6 +54,9 @@ class Example:
     # (`read_apart`; the scheduler reads the prompt as the reading most like the alignment prompts).
     prompt_parts: tuple[str, ...] = field(default=(), compare=False)
     system: str | None = field(default=None, compare=False)  # a chat's system turn (`readings`)
+    # A chat's last user turn when earlier turns precede it: the request the answer responds to, which a long earlier
+    # exchange can push past the prompt embedder's window (`scheduler.apply.requests_past_window`).
+    last_request: str | None = field(default=None, compare=False)
 
     @property
     def label(self) -> str | None:
@@ -81,9 +84,10 @@ def _turn_text(content: Any) -> str | None:
     return None
 
 
-def _from_chat(turns: Any, name: str, where: str) -> tuple[str, str, str | None]:
-    """Prompt: every non-system turn before the last assistant turn; response: that turn; and the system turns' text
-    (None when they have none), which the scheduler reads with the prompt unless most rows share it (`readings`)."""
+def _from_chat(turns: Any, name: str, where: str) -> tuple[str, str, str | None, str | None]:
+    """Prompt: every non-system turn before the last assistant turn; response: that turn; the system turns' text
+    (None when they have none), which the scheduler reads with the prompt unless most rows share it (`readings`); and
+    the prompt's last turn when it is a user turn after earlier ones (`Example.last_request`)."""
     role_key, text_key = CHAT_FIELDS[name]
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field '{name}': expected a non-empty list of {{{role_key}, {text_key}}} turns")
@@ -100,7 +104,9 @@ def _from_chat(turns: Any, name: str, where: str) -> tuple[str, str, str | None]
     if not prompt:
         raise DataError(f"{where}: field '{name}': expected at least one user turn with text")
     system = "\n".join(text for role, text in prompt_turns if role == "system" and text)
-    return prompt, response, system or None
+    asked = [(role, text) for role, text in prompt_turns if role != "system"]
+    last_request = asked[-1][1] if len(asked) > 1 and asked[-1][0] not in ASSISTANT_ROLES else None
+    return prompt, response, system or None, last_request
 
 
 def to_example(row: Any, where: str) -> Example:
@@ -110,7 +116,8 @@ def to_example(row: Any, where: str) -> Example:
     prompt, response, encoding = read_row(example.prompt, example.response)
     parts = (read_apart(example.prompt, prompt) or ()) if prompt != example.prompt else ()
     system = example.system and read_plainly(example.system)[0]
-    return Example(prompt, response, example.row, encoding, parts, system) if encoding else example
+    last_request = example.last_request and read_plainly(example.last_request)[0]
+    return Example(prompt, response, example.row, encoding, parts, system, last_request) if encoding else example
 
 
 def _parsed(row: Any, where: str) -> Example:
@@ -122,8 +129,8 @@ def _parsed(row: Any, where: str) -> Example:
         raise DataError(f"{where}: expected a JSON object or a string, got {type(row).__name__}")
     for name in CHAT_FIELDS:
         if name in row:
-            prompt, response, system = _from_chat(row[name], name, where)
-            return Example(prompt, response, row, system=system)
+            prompt, response, system, last_request = _from_chat(row[name], name, where)
+            return Example(prompt, response, row, system=system, last_request=last_request)
     if _text(row.get("prompt")):
         response = row.get("response", row.get("completion", row.get("output", "")))
         return Example(row["prompt"].strip(), _text(response) or "", row)
