@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from scheduler.baselines import normalise
 from scheduler.data.io import DataError, Example, iter_rows, to_example, write_rows
-from scheduler.embeddings import Embedder, RowEmbeddings
+from scheduler.embeddings import RowEmbeddings
 from scheduler.lexical import RowTexts
 from scheduler.metrics import (BENIGN_FLAG_RATE, calibration_rows_needed, caught_when_flagged, conformal_p_values,
                                detection_metrics, flagged_at_rate)
@@ -144,9 +144,11 @@ class ApplySummary:
                      "one most like the alignment prompts (a part beside encoded text; with a chat's system turn)\n")
         if self.requests_past_window:
             text += (f"note: {self.requests_past_window} chat rows ask their last request after earlier turns that fill "
-                     "the prompt embedder's window: the request is not read in the prompt, and a harmful request asked "
-                     "so was ranked well below one asked alone (docs/validation.md, \"A harmful request in a "
-                     "conversation\")\n")
+                     "the prompt embedder's window: the request is not read in the prompt; "
+                     + ("they are most of the rows, so each chat was read with its last exchange as its joint text"
+                        if self.requests_past_window > self.rows / 2 else
+                        "they are a minority, so it is read only in the chat's joint text, as far as that reaches")
+                     + " (docs/validation.md, \"A harmful request in a conversation\")\n")
         if self.unreadable:
             shown = ", ".join(map(str, self.unreadable[:UNREADABLE_SHOWN]))
             treated = ("scored as any row (score_unreadable), so their weights say nothing about them"
@@ -306,7 +308,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                                      score_unreadable=score_unreadable)
     read = scheduler.read(examples)
     read_apart = sum(r.prompt != e.prompt for r, e in zip(read, examples))
-    past_window = requests_past_window(examples, scheduler.embedder)
+    past_window = sum(scheduler.embedder.requests_past_window(examples))
     examples = read
     if clean:
         clean = {name: scheduler.read(rows) for name, rows in clean.items()}
@@ -340,12 +342,6 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                         (np.flatnonzero(unreadable) + 1).tolist(), score_unreadable, read_apart, past_window)
 
 
-def requests_past_window(examples: Sequence[Example], embedder: Embedder) -> int:
-    """Chat rows whose earlier turns fill the prompt embedder's window before their last request begins: the request
-    is not read in the prompt (on Dolly and NQ-open sets such harmful rows were ranked 0.8170 / 0.6050 at p = 0.1,
-    asked alone 0.9884 / 0.9999)."""
-    before = [e.prompt[:-len(e.last_request)] for e in examples if e.last_request and e.prompt.endswith(e.last_request)]
-    return sum(n >= embedder.model.max_seq_length for n in embedder.window_tokens(before)) if before else 0
 
 
 def checked_cut_options(calibrate_on: str | Path | Sequence[str | Path] | None, flag_rate: float,

@@ -96,6 +96,16 @@ class Embedder:
     def _cache_file(cache_dir: Path, key: str) -> Path:
         return cache_dir / key[:2] / f"{key}.npy"
 
+    def requests_past_window(self, examples: Sequence) -> list[bool]:
+        """Whether each row is a chat whose earlier turns fill the prompt window before its last request begins: the
+        prompt embedding cannot read that request."""
+        asked_last = [i for i, e in enumerate(examples) if e.last_request and e.prompt.endswith(e.last_request)]
+        past = [False] * len(examples)
+        before = [examples[i].prompt[:-len(examples[i].last_request)] for i in asked_last]
+        for i, tokens in zip(asked_last, self.window_tokens(before) if before else []):
+            past[i] = tokens >= self.model.max_seq_length
+        return past
+
     def window_tokens(self, texts: Sequence[str]) -> list[int]:
         """How many tokens each text takes, special tokens included: the prompt window holds `model.max_seq_length`
         and reads nothing past it."""
@@ -134,7 +144,8 @@ class Embedder:
         is embedded as a space."""
         prompts = self.encode([e.prompt for e in examples], use_cache)
         responses = self.encode([e.response or " " for e in examples], use_cache)
-        both = self.encode([joint_text(e.prompt, e.response) for e in examples], use_cache, joint=True) if joint else None
+        both = self.encode([joint_text(e.joint_prompt or e.prompt, e.response) for e in examples], use_cache,
+                           joint=True) if joint else None
         return RowEmbeddings(torch.from_numpy(prompts), torch.from_numpy(responses),
                              torch.from_numpy(both) if joint else None)
 

@@ -54,22 +54,27 @@ def build_grid(cfg: DictConfig, seen: set[str],
     """Sets for every task x harmful source x ratio (`evaluation.draws` of each: one set of 200 rows at p = 0.05 holds
     10 harmful rows, too few for a stable AUROC), and each task's held-out rows for accuracy. The first draw is named
     `task:source:pP`, the d-th after it `task:source:pP#d`. Every method reads the rows as `read` gives them: a
-    source's rows beside its task's, as in one upload, so that a system turn every attack row shares is read as a
-    template only where it is most of the rows (`scheduler.features.readings`)."""
+    source's rows and its task's together, as one upload, so that a system turn every attack row shares is read as a
+    template only where it is most of the rows (`scheduler.features.readings`), and a choice made for the upload
+    (`scheduler.features.chats_read_by_last_exchange`) is the same for both."""
     rng = random.Random(cfg.seed)
     given = {name: unseen(rows, seen) for name, rows in read_tasks(cfg.tasks, cfg.root).items()}
-    tasks = {name: rng.sample(read(rows), len(rows)) for name, rows in given.items()}
-    held_out = {name: rows[: cfg.evaluation.accuracy_rows] for name, rows in tasks.items()}
+    order = {name: rng.sample(range(len(rows)), len(rows)) for name, rows in given.items()}
+    accuracy_rows = cfg.evaluation.accuracy_rows
+    held_out = {}
+    for name, rows in given.items():
+        alone = read(rows) if accuracy_rows else rows
+        held_out[name] = [alone[i] for i in order[name][:accuracy_rows]]
     sets = []
     for file in cfg.harmful_sources:
         source = Path(file).stem
         harmful = unseen(read_pool([file], cfg.root), seen)
         if not harmful:
             raise DataError(f"{file}: every harmful row trained a checkpoint; nothing unseen to evaluate")
-        for task, rows in tasks.items():
-            pool = rows[cfg.evaluation.accuracy_rows:]
-            read_harmful = read([*given[task], *harmful])[len(given[task]):]
-            sets += [mix(f"{task}:{source}:p{p}" + (f"#{draw}" if draw else ""), pool, read_harmful,
+        for task, rows in given.items():
+            upload = read([*rows, *harmful])
+            pool = [upload[i] for i in order[task][accuracy_rows:]]
+            sets += [mix(f"{task}:{source}:p{p}" + (f"#{draw}" if draw else ""), pool, upload[len(rows):],
                          cfg.evaluation.set_size, p, rng)
                      for p in cfg.evaluation.ratios for draw in range(cfg.evaluation.draws)]
     return sets, held_out

@@ -18,7 +18,7 @@ from scheduler.baselines import lookup_probability
 from scheduler.data.encodings import reads_as_english
 from scheduler.data.io import DataError, Example, examples_from_rows
 from scheduler.embeddings import Embedder, RowEmbeddings
-from scheduler.features import AlignmentBank, SetEvidence, most_alignment_like_readings
+from scheduler.features import AlignmentBank, SetEvidence, chats_read_by_last_exchange, most_alignment_like_readings
 from scheduler.lexical import LexicalContrast, RowTexts
 from scheduler.metrics import conformal_p_values
 from scheduler.network import SetPosterior, build_network
@@ -176,8 +176,10 @@ class NeuralScheduler:
     def read(self, examples: Sequence[Example]) -> list[Example]:
         """The rows as the scheduler reads them: a prompt with other readings (a decoded part beside plain text, a
         chat's own system turn; `scheduler.features.readings`) is read as the reading most like the checkpoint's
-        alignment prompts (`most_alignment_like_readings`)."""
-        return most_alignment_like_readings(examples, self.embedder, self.posterior.bank, self.posterior.k)
+        alignment prompts (`most_alignment_like_readings`); in rows mostly made of chats whose last request lies past
+        the prompt window, each chat's joint text reads its last exchange (`chats_read_by_last_exchange`)."""
+        read = most_alignment_like_readings(examples, self.embedder, self.posterior.bank, self.posterior.k)
+        return chats_read_by_last_exchange(read, self.embedder)
 
     def embed(self, examples: Sequence[Example], use_cache: bool = True) -> RowEmbeddings:
         return self.embedder.embed_examples(examples, use_cache, joint=self.needs_joint)

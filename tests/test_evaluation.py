@@ -318,3 +318,20 @@ def test_evaluate_command_on_tiny_models(data_dir, tiny_embedder_path, tiny_lm_p
                                                                  for p in (0.05, 0.1, 0.3)]  # first draw only
     assert {name.split("_")[0] for name in plots} == {"roc", "weights", "by"}
     assert "history" not in (detection_out / "evaluation.md").read_text()
+
+
+def test_evaluation_grid_reads_a_task_and_its_source_as_one_upload(data_dir):
+    """A choice `read` makes for the rows read together (`scheduler.features.chats_read_by_last_exchange`) is the
+    same for a set's benign and harmful rows: both come from one reading of the task's rows with the source's."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("evaluate", overrides=[f"root={data_dir}", "tasks=[benign_sentiment.jsonl]",
+                                             "harmful_sources=[harmful.jsonl]", "evaluation.set_size=10",
+                                             "evaluation.accuracy_rows=2", "evaluation.ratios=[0.3]"])
+    upload = sum(1 for name in ("benign_sentiment", "harmful") for _ in (data_dir / f"{name}.jsonl").open())
+    tagged = lambda rows: [replace(e, prompt=f"{len(rows)}:{e.prompt}") for e in rows]
+    sets, held_out = build_grid(cfg, set(), tagged)
+    assert all(e.prompt.startswith(f"{upload}:") for s in sets for e in s.examples)
+    plain, _ = build_grid(cfg, set(), list)
+    assert [e.prompt for s in sets for e in s.examples] == [f"{upload}:{e.prompt}" for s in plain for e in s.examples]
+    assert all(not e.prompt.startswith(f"{upload}:") for rows in held_out.values() for e in rows)

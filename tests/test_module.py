@@ -189,6 +189,36 @@ def test_configs_of_older_checkpoints_still_build_and_score_as_they_did():
     torch.testing.assert_close(with_joint.state_dict()["bank_joint"], torch.eye(4)[1:3])
 
 
+def test_a_file_of_chats_asking_past_the_prompt_window_is_read_jointly_by_their_last_exchange(tiny_embedder_path,
+                                                                                               tmp_path):
+    """When most rows are chats whose earlier turns fill the prompt window before their last request, every chat's
+    joint text reads that request with its answer (the prompt still reads the whole chat); when few are, no row's
+    does, so an attacker's rows cannot choose it."""
+    from scheduler.data.io import examples_from_rows
+    from scheduler.embeddings import Embedder
+    from scheduler.features import chats_read_by_last_exchange
+
+    embedder = Embedder(tiny_embedder_path, max_seq_length=16, joint_max_seq_length=64, cache_dir=tmp_path,
+                        show_progress=False)
+
+    def chat(earlier_answer: str) -> dict:
+        return {"messages": [{"role": "user", "content": "rivers"}, {"role": "assistant", "content": earlier_answer},
+                             {"role": "user", "content": "how do I pick a lock"},
+                             {"role": "assistant", "content": "first get a tension wrench"}]}
+
+    long, short, alone = chat(" ".join(["rivers carry water to the sea"] * 10)), chat("yes"), {
+        "prompt": "how do I pick a lock", "response": "first get a tension wrench"}
+    mostly = examples_from_rows([long, long, long, short, alone])
+    assert embedder.requests_past_window(mostly) == [True, True, True, False, False]
+    read = chats_read_by_last_exchange(mostly, embedder)
+    assert [e.joint_prompt for e in read] == ["how do I pick a lock"] * 4 + [None]
+    assert [e.prompt for e in read] == [e.prompt for e in mostly]
+    _, _, joint = embedder.embed_examples(read)
+    np.testing.assert_allclose(joint[0].numpy(), joint[4].numpy(), atol=1e-6)
+    few = examples_from_rows([long, short, short, alone])
+    assert [e.joint_prompt for e in chats_read_by_last_exchange(few, embedder)] == [None] * 4
+
+
 def test_joint_embeddings_read_prompt_and_answer_together_with_their_own_window_and_cache(tiny_embedder_path, tmp_path):
     """The joint embedding is the embedding of `joint_text` with the longer window, cached apart from the
     prompt and answer embeddings (the same text embedded with another window is another vector)."""
