@@ -31,7 +31,7 @@ EXPECTED = [("p1", "r1"), ("do this\nInput: with that", "done"), ("hi", "hello")
 
 def test_every_schema_normalises_and_keeps_the_row():
     """A chat's system turn is kept apart from the prompt (`scheduler.features.readings` reads it), and its last
-    request is known where earlier turns precede it (`scheduler.apply.requests_past_window`)."""
+    request is known where earlier turns precede it (`Embedder.requests_past_window`)."""
     examples = examples_from_rows(ROWS)
     assert [(e.prompt, e.response) for e in examples] == EXPECTED
     assert examples[0].row == ROWS[0]

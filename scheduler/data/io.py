@@ -55,7 +55,7 @@ class Example:
     prompt_parts: tuple[str, ...] = field(default=(), compare=False)
     system: str | None = field(default=None, compare=False)  # a chat's system turn (`readings`)
     # A chat's last user turn when earlier turns precede it: the request the answer responds to, which a long earlier
-    # exchange can push past the prompt embedder's window (`scheduler.apply.requests_past_window`).
+    # exchange can push past the prompt embedder's window (`scheduler.embeddings.Embedder.requests_past_window`).
     last_request: str | None = field(default=None, compare=False)
     joint_prompt: str | None = field(default=None, compare=False)  # what the joint text reads instead of the prompt
 
