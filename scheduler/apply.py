@@ -97,6 +97,7 @@ class ApplySummary:
     score_unreadable: bool = False
     read_apart: int = 0  # rows read as another reading than their whole prompt (`scheduler.features.readings`)
     requests_past_window: int = 0  # chat rows whose last request the prompt embedder never reaches
+    read_by_last_exchange: bool = False  # whether chats were read jointly by their last exchange
 
     @property
     def rows(self) -> int:
@@ -146,7 +147,7 @@ class ApplySummary:
             text += (f"note: {self.requests_past_window} chat rows ask their last request after earlier turns that fill "
                      "the prompt embedder's window: the request is not read in the prompt; "
                      + ("they are most of the rows, so each chat was read with its last exchange as its joint text"
-                        if self.requests_past_window > self.rows / 2 else
+                        if self.read_by_last_exchange else
                         "they are a minority, so it is read only in the chat's joint text, as far as that reaches")
                      + " (docs/validation.md, \"A harmful request in a conversation\")\n")
         if self.unreadable:
@@ -308,7 +309,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                                      score_unreadable=score_unreadable)
     read = scheduler.read(examples)
     read_apart = sum(r.prompt != e.prompt for r, e in zip(read, examples))
-    past_window = sum(scheduler.embedder.requests_past_window(examples))
+    past_window = sum(scheduler.embedder.requests_past_window(read))  # as `chats_read_by_last_exchange` counted them
     examples = read
     if clean:
         clean = {name: scheduler.read(rows) for name, rows in clean.items()}
@@ -339,7 +340,8 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                         lowest_rows(examples, weights, show_lowest), cut,
                         int(columns["flagged"].sum()) if cut else 0,
                         dict(Counter(e.encoding for e in examples if e.encoding)),
-                        (np.flatnonzero(unreadable) + 1).tolist(), score_unreadable, read_apart, past_window)
+                        (np.flatnonzero(unreadable) + 1).tolist(), score_unreadable, read_apart, past_window,
+                        any(e.joint_prompt for e in examples))
 
 
 

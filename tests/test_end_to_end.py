@@ -183,8 +183,9 @@ def test_the_summary_counts_chat_requests_past_the_prompt_window(trained, data_d
     summary = apply_scheduler(trained / "scheduler.ckpt",
                               write_jsonl(tmp_path / "chats.jsonl", rows + [chat(long_answer), chat("They flow.")]),
                               tmp_path / "chats.out.jsonl", histogram=False)
-    assert summary.requests_past_window == 1
+    assert summary.requests_past_window == 1 and not summary.read_by_last_exchange
     assert "note: 1 chat rows ask their last request after earlier turns" in str(summary)
+    assert "they are a minority" in str(summary)
     plain = apply_scheduler(trained / "scheduler.ckpt", data_dir / "demo.jsonl", tmp_path / "plain.out.jsonl",
                             histogram=False)
     assert plain.requests_past_window == 0 and "prompt embedder's window" not in str(plain)
