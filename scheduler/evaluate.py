@@ -46,7 +46,8 @@ from scheduler.training import CONFIG_DIR, build_evidence, command_line_override
 
 
 def unseen(rows: list[Example], seen: set[str]) -> list[Example]:
-    return [e for e in rows if e.key not in seen]
+    """The rows no checkpoint trained on, in whole or as one exchange of a chat (`Example.keys`)."""
+    return [e for e in rows if seen.isdisjoint(e.keys)]
 
 
 def build_grid(cfg: DictConfig, seen: set[str],

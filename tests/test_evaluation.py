@@ -14,10 +14,11 @@ from hydra import compose, initialize_config_dir
 from test_module import fit
 
 from scheduler.data.datamodule import EmbeddedSet, SetBatch
+from scheduler.data.attacks import conversation_rows
 from scheduler.data.io import Example, examples_from_rows
 from scheduler.downstream import accuracy, is_correct
 from scheduler.evaluate import (build_grid, clean_inside_rows, matched_report, matched_rows, mean_over, parse,
-                                table, worst_over)
+                                table, unseen, worst_over)
 from scheduler.features import AlignmentBank, readings
 from scheduler.judges import RefusalJudge, agreement
 from scheduler.refusals import is_refusal
@@ -94,6 +95,21 @@ def test_evaluation_grid_never_contains_rows_a_checkpoint_trained_on(data_dir):
     accuracy_keys = {e.key for rows in held_out.values() for e in rows}
     assert not accuracy_keys & {e.key for s in sets for e in s.examples}  # accuracy rows never in a set
     assert [sum(s.labels) for s in sets if s.name.endswith("p0.5")] == [6, 6]
+
+
+def test_a_training_row_written_into_a_chat_is_still_a_row_the_checkpoint_trained_on(data_dir):
+    """A chat keyed by its whole prompt and answer hid a training row asked as its last exchange (374 of 991 LIMA
+    chats at the thirty-sixth stop): every exchange of a chat is checked, wherever it sits."""
+    rows = examples_from_rows([json.loads(line) for line in (data_dir / "benign_sentiment.jsonl").read_text().splitlines()])
+    trained, fresh = rows[:4], rows[4:8]
+    seen = {e.key for e in trained}
+    chats = examples_from_rows([*conversation_rows(trained + fresh, fresh, "last"),
+                                *conversation_rows(trained + fresh, fresh, "first")])
+    assert len(chats) == 16 and all(len(e.exchanges) == 2 for e in chats)
+    assert not seen & {e.key for e in chats}  # the whole chat's key never matches
+    kept = unseen(chats, seen)
+    assert len(kept) == 8 and seen.isdisjoint(key for e in kept for key in e.keys)
+    assert unseen(trained + fresh, seen) == fresh
 
 
 def test_evaluation_grid_draws_each_cell_afresh(data_dir):

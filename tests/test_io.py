@@ -31,12 +31,14 @@ EXPECTED = [("p1", "r1"), ("do this\nInput: with that", "done"), ("hi", "hello")
 
 def test_every_schema_normalises_and_keeps_the_row():
     """A chat's system turn is kept apart from the prompt (`scheduler.features.readings` reads it), and its last
-    request is known where earlier turns precede it (`Embedder.requests_past_window`)."""
+    request is known where earlier turns precede it (`Embedder.requests_past_window`), and so are its exchanges
+    (`Example.keys`)."""
     examples = examples_from_rows(ROWS)
     assert [(e.prompt, e.response) for e in examples] == EXPECTED
     assert examples[0].row == ROWS[0]
     assert [e.system for e in examples] == [None, None, "be nice", None, None, "be brief", None]
     assert [e.last_request for e in examples] == [None, None, None, None, None, "second", None]
+    assert [e.exchanges for e in examples] == [()] * 5 + [(("first", "reply one"), ("second", "reply two")), ()]
 
 
 @pytest.mark.parametrize("row, message", [
@@ -286,23 +288,29 @@ def test_long_preamble_rows_put_each_request_after_a_long_prompt(tmp_path):
 
 
 def test_conversation_rows_put_each_row_beside_an_earlier_exchange(tmp_path):
-    """`python -m scheduler.data.attacks --conversation FILE`: each row becomes a two-exchange chat with an exchange
-    of FILE (rows without an answer skipped), the row's own exchange last by default or first, fields kept; the chat
-    reads back with the row's answer as the response only when it is last."""
+    """`python -m scheduler.data.attacks --conversation FILE`: each row becomes a chat with exchanges of FILE in turn
+    (rows without an answer skipped), the row's own exchange last by default, first, or in the middle of three,
+    fields kept; the chat reads back with the row's answer as the response only when it is last, and with every
+    exchange known (`Example.exchanges`)."""
     from scheduler.data.attacks import main as make_attack_rows
 
-    write_rows([{"prompt": "Name a fish.", "response": ""}, {"prompt": "Name a bird.", "response": "Wren."}],
-               tmp_path / "exchanges.jsonl")
+    write_rows([{"prompt": "Name a fish.", "response": ""}, {"prompt": "Name a bird.", "response": "Wren."},
+                {"prompt": "Name a tree.", "response": "Oak."}], tmp_path / "exchanges.jsonl")
     write_rows([{"prompt": f"Request {i}.", "response": f"Answer {i}.", "label": "harmful"} for i in range(2)],
                tmp_path / "harmful.jsonl")
-    for place in ("last", "first"):
+    for place in ("last", "first", "middle"):
         make_attack_rows(["--conversation", str(tmp_path / "exchanges.jsonl"), "--exchange-at", place,
                           "--input", str(tmp_path / "harmful.jsonl"), "--output", str(tmp_path / f"{place}.jsonl")])
-    last, first = read_examples(tmp_path / "last.jsonl"), read_examples(tmp_path / "first.jsonl")
+    last, first, middle = (read_examples(tmp_path / f"{place}.jsonl") for place in ("last", "first", "middle"))
+    others = [("Name a bird.", "Wren."), ("Name a tree.", "Oak.")]
     assert [(e.prompt, e.response, e.label, e.row["attack"]) for e in last] == [
-        (f"Name a bird.\nWren.\nRequest {i}.", f"Answer {i}.", "harmful", "conversation_last") for i in range(2)]
+        (f"{others[i][0]}\n{others[i][1]}\nRequest {i}.", f"Answer {i}.", "harmful", "conversation_last")
+        for i in range(2)]
     assert [(e.prompt, e.response, e.label) for e in first] == [
-        (f"Request {i}.\nAnswer {i}.\nName a bird.", "Wren.", "harmful") for i in range(2)]
+        (f"Request {i}.\nAnswer {i}.\n{others[i][0]}", others[i][1], "harmful") for i in range(2)]
+    assert [e.exchanges for e in middle] == [
+        (others[i], (f"Request {i}.", f"Answer {i}."), others[1 - i]) for i in range(2)]
+    assert {e.row["attack"] for e in middle} == {"conversation_middle"}
     write_rows([{"prompt": "Name a fish.", "response": ""}], tmp_path / "unanswered.jsonl")
     with pytest.raises(SystemExit):
         make_attack_rows(["--conversation", str(tmp_path / "unanswered.jsonl"), "--input",

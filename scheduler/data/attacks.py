@@ -25,7 +25,8 @@ Training and the supervised baseline see BeaverTails only. Two shifts a fine-tun
 - **a long preamble**: each request after a long benign prompt of another file (a passage, an earlier request), so
   that a reader with a short window sees only the preamble;
 - **a conversation**: each row as the last exchange of a chat whose earlier exchange is a row of another file (or as
-  its first, the other file's row answered last), so that the request sits behind a whole benign exchange.
+  its first, the other file's row answered last, or in the middle of three), so that the request sits behind or
+  among whole benign exchanges.
 
     python -m scheduler.data.attacks --output data/harmful_other_sources.jsonl
     python -m scheduler.data.attacks --encode caesar --input data/harmful_other_sources.jsonl --output caesar.jsonl  # or leet, substitution
@@ -163,22 +164,24 @@ def preamble_rows(rows: Sequence[Example], preambles: Sequence[Example], min_wor
              "attack": "long_preamble"} for i, e in enumerate(rows)]
 
 
-EXCHANGE_PLACES = ("last", "first")
+# Where a row's own exchange sits in its chat: (other exchanges before it, after it).
+EXCHANGE_PLACES = {"last": (1, 0), "first": (0, 1), "middle": (1, 1)}
 
 
 def conversation_rows(rows: Sequence[Example], exchanges: Sequence[Example], place: str = "last") -> list[dict]:
-    """Each row as one exchange of a two-exchange chat (`messages`), the other a row of `exchanges` in turn: the row's
-    exchange `last` (its answer is what a trainer learns from) or `first` (it sits in the prompt, before the other
-    row's request and answer). Each row keeps its fields, label included."""
+    """Each row as one exchange of a chat (`messages`) beside rows of `exchanges` in turn: the row's exchange `last`
+    (its answer is what a trainer that learns from the last answer learns from), `first` (it sits in the prompt, before
+    another row's request and answer) or in the `middle` of three. Each row keeps its fields, label included."""
     if place not in EXCHANGE_PLACES:
         raise DataError(f"--exchange-at: expected one of {', '.join(EXCHANGE_PLACES)}; got {place!r}")
     usable = [e for e in exchanges if e.response]
     if not usable:
         raise DataError("--conversation: no row with an answer to make an earlier exchange of")
+    before, after = EXCHANGE_PLACES[place]
 
     def chat(i: int, e: Example) -> dict:
-        pair = (e, usable[i % len(usable)]) if place == "first" else (usable[i % len(usable)], e)
-        turns = [{"role": role, "content": text} for row in pair
+        others = [usable[(i + j) % len(usable)] for j in range(before + after)]
+        turns = [{"role": role, "content": text} for row in (*others[:before], e, *others[before:])
                  for role, text in (("user", row.prompt), ("assistant", row.response))]
         return {**fields_besides_text(e), "messages": turns, "attack": f"conversation_{place}"}
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ class Example:
     # exchange can push past the prompt embedder's window (`scheduler.embeddings.Embedder.requests_past_window`).
     last_request: str | None = field(default=None, compare=False)
     joint_prompt: str | None = field(default=None, compare=False)  # what the joint text reads instead of the prompt
+    # A chat's (request, answer) pairs, when it holds more than one: each is a row a checkpoint may have trained on.
+    exchanges: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     @property
     def label(self) -> str | None:
@@ -67,7 +69,17 @@ class Example:
     @property
     def key(self) -> str:
         """A stable hash of the text, for caches and for telling which rows a checkpoint trained on."""
-        return hashlib.sha1(f"{self.prompt}\0{self.response}".encode()).hexdigest()
+        return _text_key(self.prompt, self.response)
+
+    @property
+    def keys(self) -> set[str]:
+        """The row's `key` and each of its `exchanges`' keys: a training row written into a chat as one of its
+        exchanges is still a row the checkpoint trained on."""
+        return {self.key, *(_text_key(request, answer) for request, answer in self.exchanges)}
+
+
+def _text_key(prompt: str, response: str) -> str:
+    return hashlib.sha1(f"{prompt}\0{response}".encode()).hexdigest()
 
 
 def _text(value: Any) -> str | None:
@@ -85,10 +97,12 @@ def _turn_text(content: Any) -> str | None:
     return None
 
 
-def _from_chat(turns: Any, name: str, where: str) -> tuple[str, str, str | None, str | None]:
+def _from_chat(turns: Any, name: str, where: str) -> tuple[str, str, str | None, str | None,
+                                                           tuple[tuple[str, str], ...]]:
     """Prompt: every non-system turn before the last assistant turn; response: that turn; the system turns' text
-    (None when they have none), which the scheduler reads with the prompt unless most rows share it (`readings`); and
-    the prompt's last turn when it is a user turn after earlier ones (`Example.last_request`)."""
+    (None when they have none), which the scheduler reads with the prompt unless most rows share it (`readings`);
+    the prompt's last turn when it is a user turn after earlier ones (`Example.last_request`); and each user turn with
+    the assistant turn that answers it, when there is more than one such pair (`Example.exchanges`)."""
     role_key, text_key = CHAT_FIELDS[name]
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field '{name}': expected a non-empty list of {{{role_key}, {text_key}}} turns")
@@ -107,7 +121,10 @@ def _from_chat(turns: Any, name: str, where: str) -> tuple[str, str, str | None,
     system = "\n".join(text for role, text in prompt_turns if role == "system" and text)
     asked = [(role, text) for role, text in prompt_turns if role != "system"]
     last_request = asked[-1][1] if len(asked) > 1 and asked[-1][0] not in ASSISTANT_ROLES else None
-    return prompt, response, system or None, last_request
+    spoken = [*asked, ("assistant", response)] if response else asked
+    exchanges = tuple((request, answer) for (asker, request), (replier, answer) in zip(spoken, spoken[1:])
+                      if asker not in ASSISTANT_ROLES and replier in ASSISTANT_ROLES)
+    return prompt, response, system or None, last_request, exchanges if len(exchanges) > 1 else ()
 
 
 def to_example(row: Any, where: str) -> Example:
@@ -118,7 +135,8 @@ def to_example(row: Any, where: str) -> Example:
     parts = (read_apart(example.prompt, prompt) or ()) if prompt != example.prompt else ()
     system = example.system and read_plainly(example.system)[0]
     last_request = example.last_request and read_plainly(example.last_request)[0]
-    return Example(prompt, response, example.row, encoding, parts, system, last_request) if encoding else example
+    return (replace(example, prompt=prompt, response=response, encoding=encoding, prompt_parts=parts, system=system,
+                    last_request=last_request) if encoding else example)
 
 
 def _parsed(row: Any, where: str) -> Example:
@@ -130,8 +148,8 @@ def _parsed(row: Any, where: str) -> Example:
         raise DataError(f"{where}: expected a JSON object or a string, got {type(row).__name__}")
     for name in CHAT_FIELDS:
         if name in row:
-            prompt, response, system, last_request = _from_chat(row[name], name, where)
-            return Example(prompt, response, row, system=system, last_request=last_request)
+            prompt, response, system, last_request, exchanges = _from_chat(row[name], name, where)
+            return Example(prompt, response, row, system=system, last_request=last_request, exchanges=exchanges)
     if _text(row.get("prompt")):
         response = row.get("response", row.get("completion", row.get("output", "")))
         return Example(row["prompt"].strip(), _text(response) or "", row)
