@@ -98,6 +98,7 @@ class ApplySummary:
     read_apart: int = 0  # rows read as another reading than their whole prompt (`scheduler.features.readings`)
     requests_past_window: int = 0  # chat rows whose last request the prompt embedder never reaches
     read_by_last_exchange: bool = False  # whether chats were read jointly by their last exchange
+    inner_exchanges_past_window: int = 0  # chat rows with an exchange between first and last that nothing reads
 
     @property
     def rows(self) -> int:
@@ -150,6 +151,12 @@ class ApplySummary:
                         if self.read_by_last_exchange else
                         "they are a minority, so it is read only in the chat's joint text, as far as that reaches")
                      + " (docs/validation.md, \"A harmful request in a conversation\")\n")
+        if self.inner_exchanges_past_window:
+            text += (f"warning: {self.inner_exchanges_past_window} chat rows hold an exchange between their first and "
+                     "last that begins past the prompt embedder's window: no reading reaches it, and a harmful exchange "
+                     "there was ranked near chance by the scheduler and both baselines; a trainer that learns from "
+                     "every answer learns from it, so review such rows (docs/validation.md, \"A harmful exchange in "
+                     "the middle of a chat\")\n")
         if self.unreadable:
             shown = ", ".join(map(str, self.unreadable[:UNREADABLE_SHOWN]))
             treated = ("scored as any row (score_unreadable), so their weights say nothing about them"
@@ -310,6 +317,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     read = scheduler.read(examples)
     read_apart = sum(r.prompt != e.prompt for r, e in zip(read, examples))
     past_window = sum(scheduler.embedder.requests_past_window(read))  # as `chats_read_by_last_exchange` counted them
+    inner_past_window = sum(scheduler.embedder.inner_exchanges_past_window(read))
     examples = read
     if clean:
         clean = {name: scheduler.read(rows) for name, rows in clean.items()}
@@ -341,7 +349,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                         int(columns["flagged"].sum()) if cut else 0,
                         dict(Counter(e.encoding for e in examples if e.encoding)),
                         (np.flatnonzero(unreadable) + 1).tolist(), score_unreadable, read_apart, past_window,
-                        any(e.joint_prompt for e in examples))
+                        any(e.joint_prompt for e in examples), inner_past_window)
 
 
 

@@ -106,6 +106,18 @@ class Embedder:
             past[i] = tokens >= self.model.max_seq_length
         return past
 
+    def inner_exchanges_past_window(self, examples: Sequence) -> list[bool]:
+        """Whether each row is a chat with an exchange between its first and its last whose request begins past the
+        prompt window: no reading reaches it. Such an exchange, harmful, was ranked near chance by the scheduler and
+        both baselines (docs/validation.md, "A harmful exchange in the middle of a chat")."""
+        inner = [i for i, e in enumerate(examples) if len(e.exchanges) > 2]
+        # the text before the last inner exchange's request: if that fits the window, so does every inner request
+        before = ["\n".join(f"{request}\n{answer}" for request, answer in examples[i].exchanges[:-2]) for i in inner]
+        past = [False] * len(examples)
+        for i, tokens in zip(inner, self.window_tokens(before) if before else []):
+            past[i] = tokens >= self.model.max_seq_length
+        return past
+
     def window_tokens(self, texts: Sequence[str]) -> list[int]:
         """How many tokens each text takes, special tokens included: the prompt window holds `model.max_seq_length`
         and reads nothing past it."""

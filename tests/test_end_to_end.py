@@ -168,16 +168,18 @@ def test_a_request_in_a_chat_system_turn_is_read_with_it(trained, data_dir, tmp_
 
 def test_the_summary_counts_chat_requests_past_the_prompt_window(trained, data_dir, tmp_path):
     """A chat whose earlier exchange fills the prompt embedder's window before its last request is counted and named
-    in the summary; a short earlier exchange, or a single turn, is not."""
+    in the summary; a short earlier exchange, or a single turn, is not. A chat whose middle exchange begins past the
+    window gets a warning: nothing reads it."""
     from scheduler.apply import apply_scheduler
 
     rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
 
-    def chat(earlier_answer: str) -> dict:
+    def chat(earlier_answer: str, *later: str) -> dict:
         return {"messages": [{"role": "user", "content": "Tell me about rivers."},
                              {"role": "assistant", "content": earlier_answer},
                              {"role": "user", "content": "How do I pick a lock?"},
-                             {"role": "assistant", "content": "Sure, here is how."}]}
+                             {"role": "assistant", "content": "Sure, here is how."},
+                             *({"role": role, "content": text} for role, text in zip(("user", "assistant"), later))]}
 
     long_answer = " ".join(["Rivers carry water from the hills down to the sea."] * 40)
     summary = apply_scheduler(trained / "scheduler.ckpt",
@@ -186,6 +188,14 @@ def test_the_summary_counts_chat_requests_past_the_prompt_window(trained, data_d
     assert summary.requests_past_window == 1 and not summary.read_by_last_exchange
     assert "note: 1 chat rows ask their last request after earlier turns" in str(summary)
     assert "they are a minority" in str(summary)
+    assert summary.inner_exchanges_past_window == 0 and "between their first and last" not in str(summary)
+    thanks = ("Thanks.", "You are welcome.")
+    three = apply_scheduler(trained / "scheduler.ckpt",
+                            write_jsonl(tmp_path / "three.jsonl", rows + [chat(long_answer, *thanks),
+                                                                          chat("They flow.", *thanks)]),
+                            tmp_path / "three.out.jsonl", histogram=False)
+    assert three.inner_exchanges_past_window == 1
+    assert "warning: 1 chat rows hold an exchange between their first and last" in str(three)
     plain = apply_scheduler(trained / "scheduler.ckpt", data_dir / "demo.jsonl", tmp_path / "plain.out.jsonl",
                             histogram=False)
     assert plain.requests_past_window == 0 and "prompt embedder's window" not in str(plain)
