@@ -320,7 +320,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     inner_past_window = sum(scheduler.embedder.inner_exchanges_past_window(read))
     examples = read
     if clean:
-        clean = {name: scheduler.read(rows) for name, rows in clean.items()}
+        clean = {name: scheduler.read(rows, like=examples) for name, rows in clean.items()}
     embeddings = embed_in_chunks(scheduler, examples, chunk)
     columns, sets, unreadable = score_sets(scheduler, embeddings, examples, groups)
     lookup = cache(lambda: scheduler.lookup_probability(embeddings.prompts))  # the p-values and the label check

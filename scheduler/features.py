@@ -141,13 +141,17 @@ def most_alignment_like_readings(examples: Sequence[Example], embedder: Embedder
     return read
 
 
-def chats_read_by_last_exchange(examples: Sequence[Example], embedder: Embedder) -> list[Example]:
+def chats_read_by_last_exchange(examples: Sequence[Example], embedder: Embedder,
+                                chosen: bool | None = None) -> list[Example]:
     """The rows, each chat's joint text reading its last request with its answer, when more than half of the rows are
     chats whose earlier turns fill the prompt window before that request (the prompt embedding cannot read it); else
     unchanged. Chosen for the rows read together, as a system turn most rows share is the template: a set never mixes
     the two kinds of joint text, and a minority of rows cannot choose it (docs/validation.md, "A harmful request in a
-    conversation")."""
-    if sum(embedder.requests_past_window(examples)) <= len(examples) / 2:
+    conversation"). `chosen` imposes another reading's choice: rows scored in one set with rows read before them (a
+    user's clean rows, `calibrate_on`) are read as those were."""
+    if chosen is None:
+        chosen = sum(embedder.requests_past_window(examples)) > len(examples) / 2
+    if not chosen:
         return list(examples)
     return [replace(e, joint_prompt=e.last_request) if e.last_request else e for e in examples]
 

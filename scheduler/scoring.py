@@ -173,13 +173,15 @@ class NeuralScheduler:
         """Whether scoring reads the rows' prompt and answer texts as well as their embeddings (the lexical contrast)."""
         return self.posterior.reads_texts_at_scoring
 
-    def read(self, examples: Sequence[Example]) -> list[Example]:
+    def read(self, examples: Sequence[Example], like: Sequence[Example] | None = None) -> list[Example]:
         """The rows as the scheduler reads them: a prompt with other readings (a decoded part beside plain text, a
         chat's own system turn; `scheduler.features.readings`) is read as the reading most like the checkpoint's
         alignment prompts (`most_alignment_like_readings`); in rows mostly made of chats whose last request lies past
-        the prompt window, each chat's joint text reads its last exchange (`chats_read_by_last_exchange`)."""
+        the prompt window, each chat's joint text reads its last exchange (`chats_read_by_last_exchange`). `like`:
+        rows already read, whose choice of joint text these rows take, since the two are scored in one set."""
         read = most_alignment_like_readings(examples, self.embedder, self.posterior.bank, self.posterior.k)
-        return chats_read_by_last_exchange(read, self.embedder)
+        chosen = None if like is None else any(e.joint_prompt for e in like)
+        return chats_read_by_last_exchange(read, self.embedder, chosen)
 
     def embed(self, examples: Sequence[Example], use_cache: bool = True) -> RowEmbeddings:
         return self.embedder.embed_examples(examples, use_cache, joint=self.needs_joint)
@@ -217,7 +219,8 @@ class NeuralScheduler:
     def clean_p_values(self, rows: Iterable[Any], clean_rows: Iterable[Any]) -> np.ndarray:
         """Each row's conformal p-value among the user's clean rows, scored in one set with them
         (`clean_p_values_from_embeddings`): flag p <= rate to drop at most `rate` of new clean rows like them."""
-        examples, clean = self.read(as_examples(rows)), self.read(as_examples(clean_rows))
+        examples = self.read(as_examples(rows))
+        clean = self.read(as_examples(clean_rows), like=examples)
         return self.clean_p_values_from_embeddings(self.embed(examples), RowTexts.of(examples), self.embed(clean),
                                                    RowTexts.of(clean))
 

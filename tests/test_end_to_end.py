@@ -201,6 +201,26 @@ def test_the_summary_counts_chat_requests_past_the_prompt_window(trained, data_d
     assert plain.requests_past_window == 0 and "prompt embedder's window" not in str(plain)
 
 
+def test_clean_rows_take_the_joint_text_of_the_upload_they_are_scored_with(trained):
+    """`calibrate_on` scores a set and the user's clean rows as one set, so the clean rows are read with the upload's
+    choice of joint text (`chats_read_by_last_exchange`), not one of their own: a set never mixes the two kinds."""
+    from scheduler.data.io import examples_from_rows
+
+    scheduler = NeuralScheduler.load(trained / "scheduler.ckpt")
+
+    def chats(earlier_answer: str) -> list:
+        return examples_from_rows([{"messages": [{"role": "user", "content": "Tell me about rivers."},
+                                                 {"role": "assistant", "content": earlier_answer},
+                                                 {"role": "user", "content": f"Name a river, {i}."},
+                                                 {"role": "assistant", "content": "The Nile."}]} for i in range(3)])
+
+    long, short = chats(" ".join(["Rivers carry water from the hills down to the sea."] * 40)), chats("They flow.")
+    upload_long, upload_short = scheduler.read(long), scheduler.read(short)
+    assert all(e.joint_prompt for e in upload_long) and not any(e.joint_prompt for e in upload_short)
+    assert [e.joint_prompt for e in scheduler.read(short, like=upload_long)] == [e.last_request for e in short]
+    assert not any(e.joint_prompt for e in scheduler.read(long, like=upload_short))
+
+
 def test_label_check_puts_the_alignment_lookup_beside_the_scheduler(trained, data_dir, tmp_path):
     """On a labelled file the summary gives the look-up's detection on the same rows; its AUROC is that of
     the prompts' mean cosine similarity to their k nearest alignment prompts, computed here by hand."""

@@ -217,6 +217,10 @@ def test_a_file_of_chats_asking_past_the_prompt_window_is_read_jointly_by_their_
     np.testing.assert_allclose(joint[0].numpy(), joint[4].numpy(), atol=1e-6)
     few = examples_from_rows([long, short, short, alone])
     assert [e.joint_prompt for e in chats_read_by_last_exchange(few, embedder)] == [None] * 4
+    # imposed by rows read before them (a user's clean rows take their upload's choice), either way
+    assert [e.joint_prompt for e in chats_read_by_last_exchange(few, embedder, chosen=True)] == [
+        "how do I pick a lock"] * 3 + [None]
+    assert [e.joint_prompt for e in chats_read_by_last_exchange(mostly, embedder, chosen=False)] == [None] * 5
 
 
 def test_joint_embeddings_read_prompt_and_answer_together_with_their_own_window_and_cache(tiny_embedder_path, tmp_path):
