@@ -15,7 +15,6 @@ from tqdm import tqdm
 from scheduler.baselines import normalise
 from scheduler.data.io import DataError, Example, iter_rows, to_example, write_rows
 from scheduler.embeddings import RowEmbeddings
-from scheduler.lexical import RowTexts
 from scheduler.metrics import (BENIGN_FLAG_RATE, calibration_rows_needed, caught_when_flagged, conformal_p_values,
                                detection_metrics, flagged_at_rate)
 from scheduler.scoring import NeuralScheduler
@@ -99,6 +98,7 @@ class ApplySummary:
     requests_past_window: int = 0  # chat rows whose last request the prompt embedder never reaches
     read_by_last_exchange: bool = False  # whether chats were read jointly by their last exchange
     inner_exchanges_past_window: int = 0  # chat rows with an exchange between first and last that nothing reads
+    scored_by_exchange: int = 0  # chats of several exchanges scored by their exchanges (`score_by_exchange`)
 
     @property
     def rows(self) -> int:
@@ -151,12 +151,17 @@ class ApplySummary:
                         if self.read_by_last_exchange else
                         "they are a minority, so it is read only in the chat's joint text, as far as that reaches")
                      + " (docs/validation.md, \"A harmful request in a conversation\")\n")
-        if self.inner_exchanges_past_window:
+        if self.scored_by_exchange:
+            text += (f"scored by exchange: {self.scored_by_exchange} chats of several exchanges, each as harmful as its "
+                     "most harmful exchange (score_by_exchange; docs/validation.md, \"A harmful exchange in the middle "
+                     "of a chat\")\n")
+        elif self.inner_exchanges_past_window:
             text += (f"warning: {self.inner_exchanges_past_window} chat rows hold an exchange between their first and "
                      "last that begins past the prompt embedder's window: no reading reaches it, and a harmful exchange "
                      "there was ranked near chance by the scheduler and both baselines; a trainer that learns from "
-                     "every answer learns from it, so review such rows (docs/validation.md, \"A harmful exchange in "
-                     "the middle of a chat\")\n")
+                     "every answer learns from it, so review such rows, or score them with score_by_exchange=true, "
+                     "which reads every exchange and flags more clean chats (docs/validation.md, \"A harmful exchange "
+                     "in the middle of a chat\")\n")
         if self.unreadable:
             shown = ", ".join(map(str, self.unreadable[:UNREADABLE_SHOWN]))
             treated = ("scored as any row (score_unreadable), so their weights say nothing about them"
@@ -235,8 +240,7 @@ def score_sets(scheduler: NeuralScheduler, embeddings: RowEmbeddings, examples: 
     members = set_members(groups, len(examples))
     columns, sets, unreadable = {}, [], np.zeros(len(examples), dtype=bool)
     for name, rows in tqdm(members.items(), desc="scoring sets", unit=" sets", disable=len(members) == 1):
-        result = scheduler.score_embeddings(*embeddings_of(embeddings, rows),
-                                            texts=RowTexts.of([examples[i] for i in rows]))
+        result = scheduler.score_examples([examples[i] for i in rows], embeddings_of(embeddings, rows))
         for column, values in result.columns().items():
             columns.setdefault(column, np.zeros(len(examples)))[rows] = values
         unreadable[rows] = result.unreadable
@@ -285,7 +289,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                     withhold_block: Sequence[float] | None = None, withhold_spares_refusals: bool | None = None,
                     show_lowest: int = 5, calibrate_on: str | Path | Sequence[str | Path] | None = None,
                     flag_rate: float = BENIGN_FLAG_RATE, flag_below: float | None = None,
-                    score_unreadable: bool = False) -> ApplySummary:
+                    score_unreadable: bool = False, score_by_exchange: bool = False) -> ApplySummary:
     """Read, embed, score and write atomically; the input file is never modified.
 
     `scoring_shift`, `scoring_shift_taper`, `withhold_below`, `withhold_block`, `withhold_spares_refusals` and
@@ -299,7 +303,8 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     (`NeuralScheduler.clean_p_values_from_embeddings`), and `flagged`, true where it is at most `flag_rate`: at most
     that share of new clean rows like the user's are flagged in expectation, a known cost in benign rows. Or
     `flag_below` flags the rows whose `unshifted_mu` lies below a cut of the user's own.
-    Rows that read as no English get weight 0 and are flagged, unless `score_unreadable`."""
+    Rows that read as no English get weight 0 and are flagged, unless `score_unreadable`.
+    `score_by_exchange` scores a chat of several exchanges by its exchanges (`NeuralScheduler.score_by_exchanges`)."""
     input_path, output_path = Path(input_path), Path(output_path)
     if isinstance(show_lowest, bool) or not isinstance(show_lowest, int) or show_lowest < 0:
         raise DataError(f"show_lowest: expected a whole number of rows >= 0; got {show_lowest!r}")
@@ -313,7 +318,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     scheduler = NeuralScheduler.load(checkpoint, scoring_shift=scoring_shift, scoring_shift_taper=scoring_shift_taper,
                                      withhold_below=withhold_below, withhold_block=withhold_block,
                                      withhold_spares_refusals=withhold_spares_refusals,
-                                     score_unreadable=score_unreadable)
+                                     score_unreadable=score_unreadable, score_by_exchange=score_by_exchange)
     read = scheduler.read(examples)
     read_apart = sum(r.prompt != e.prompt for r, e in zip(read, examples))
     past_window = sum(scheduler.embedder.requests_past_window(read))  # as `chats_read_by_last_exchange` counted them
@@ -349,7 +354,8 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                         int(columns["flagged"].sum()) if cut else 0,
                         dict(Counter(e.encoding for e in examples if e.encoding)),
                         (np.flatnonzero(unreadable) + 1).tolist(), score_unreadable, read_apart, past_window,
-                        any(e.joint_prompt for e in examples), inner_past_window)
+                        any(e.joint_prompt for e in examples), inner_past_window,
+                        sum(bool(e.exchanges) for e in examples) if score_by_exchange else 0)
 
 
 
@@ -400,8 +406,7 @@ def clean_p_values_per_set(scheduler: NeuralScheduler, embeddings: RowEmbeddings
     for name, rows in tqdm(members.items(), desc="scoring with clean rows", unit=" sets", disable=len(members) == 1):
         clean_embeddings = embed_in_chunks(scheduler, clean[name], chunk)
         p_value[rows] = scheduler.clean_p_values_from_embeddings(
-            embeddings_of(embeddings, rows), RowTexts.of([examples[i] for i in rows]), clean_embeddings,
-            RowTexts.of(clean[name]))
+            [examples[i] for i in rows], embeddings_of(embeddings, rows), clean[name], clean_embeddings)
         lookup_p_value[rows] = conformal_p_values(scheduler.lookup_probability(clean_embeddings.prompts), lookup[rows])
     return p_value, lookup_p_value
 

@@ -158,7 +158,7 @@ def bench_cut(checkpoint: str, tasks: list[str], sources: list[str], splits: int
                     labels = np.arange(len(upload)) >= len(rest)
                     emb, texts = scheduler.embed(upload), RowTexts.of(upload)
                     scored = scheduler.score_embeddings(*emb, texts=texts)
-                    inside = scheduler.clean_p_values_from_embeddings(emb, texts, clean_emb, clean_texts)
+                    inside = scheduler.clean_p_values_from_embeddings(upload, emb, clean, clean_emb)
                     probability = scheduler.lookup_probability(emb.prompts)
                     cuts = {"calibrate_on (clean rows inside the set)": (flagged_at_rate(inside, rate), scored.weight),
                             "a cut fitted on the clean rows apart": (scored.unshifted_mu < apart, scored.weight),

@@ -34,6 +34,7 @@ from scheduler.data.io import DataError, Example, exit_on_data_error, read_examp
 from scheduler.data.mixing import FineTuningSet, categories_of, mix, read_pool, read_tasks
 from scheduler.downstream import accuracy, finetune, generate
 from scheduler.evidence import LMEvidence
+from scheduler.embeddings import RowEmbeddings
 from scheduler.judges import EmbeddingHarmJudge, RefusalJudge, agreement
 from scheduler.lexical import RowTexts
 from scheduler.metrics import (BENIGN_FLAG_RATE, calibrated_threshold, calibration_rows_needed, caught_at_threshold,
@@ -172,7 +173,7 @@ class Methods:
         harmful rows; for a baseline its probability of benign."""
         weights, scores = {}, {}
         for name, scheduler in self.schedulers.items():
-            result = scheduler.score_embeddings(s.prompts, s.responses, s.joint, RowTexts.of(s.examples))
+            result = scheduler.score_examples(s.examples, RowEmbeddings(s.prompts, s.responses, s.joint))
             # as apply flags them: rows that read as no English lie below every cut (`NeuralScheduler.score_unreadable`)
             unreadable = result.unreadable if not scheduler.score_unreadable else np.zeros(len(result.weight), bool)
             weights[name], scores[name] = result.weight, np.where(unreadable, -np.inf, result.unshifted_mu)

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from scheduler.data.io import Example
+
 if TYPE_CHECKING:
-    from scheduler.data.io import Example
     from scheduler.embeddings import Embedder
 
 N_RELATION_FEATURES = 4
@@ -154,6 +155,20 @@ def chats_read_by_last_exchange(examples: Sequence[Example], embedder: Embedder,
     if not chosen:
         return list(examples)
     return [replace(e, joint_prompt=e.last_request) if e.last_request else e for e in examples]
+
+
+def exchange_places(examples: Sequence[Example]) -> list[tuple[list[Example], np.ndarray]]:
+    """The rows' exchanges grouped by their place in their chats, counted from the end (a chat's last exchange is at
+    place 0): for each place, its exchanges as rows (each keeping its chat's row) and the index of the chat each came
+    from. A row that is not a chat of several exchanges is its own exchange at place 0."""
+    places: dict[int, tuple[list[Example], list[int]]] = {}
+    for i, example in enumerate(examples):
+        exchanges = [Example(request, answer, example.row) for request, answer in example.exchanges] or [example]
+        for place, exchange in enumerate(reversed(exchanges)):
+            rows, owners = places.setdefault(place, ([], []))
+            rows.append(exchange)
+            owners.append(i)
+    return [(rows, np.asarray(owners)) for _, (rows, owners) in sorted(places.items())]
 
 
 def relation_features(prompts: torch.Tensor, responses: torch.Tensor, bank: AlignmentBank, k: int,

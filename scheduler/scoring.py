@@ -18,7 +18,8 @@ from scheduler.baselines import lookup_probability
 from scheduler.data.encodings import reads_as_english
 from scheduler.data.io import DataError, Example, examples_from_rows
 from scheduler.embeddings import Embedder, RowEmbeddings
-from scheduler.features import AlignmentBank, SetEvidence, chats_read_by_last_exchange, most_alignment_like_readings
+from scheduler.features import (AlignmentBank, SetEvidence, chats_read_by_last_exchange, exchange_places,
+                                most_alignment_like_readings)
 from scheduler.lexical import LexicalContrast, RowTexts
 from scheduler.metrics import conformal_p_values
 from scheduler.network import SetPosterior, build_network
@@ -29,7 +30,7 @@ from scheduler.transforms import posterior_weights
 CHECKPOINT_KEY = "scheduler"
 # What `NeuralScheduler.load` lets a caller change about how a checkpoint scores: its operating point.
 OPERATING_POINT_OPTIONS = ("scoring_shift", "scoring_shift_taper", "withhold_below", "withhold_block",
-                           "withhold_spares_refusals", "score_unreadable")
+                           "withhold_spares_refusals", "score_unreadable", "score_by_exchange")
 
 
 @dataclass
@@ -90,6 +91,12 @@ class NeuralScheduler:
     # 0.0010 on Dolly sets, docs/validation.md, "Rows in a cipher"), and the benign rows that teach the cipher are
     # as unreadable. True scores them as any row.
     score_unreadable: bool = False
+    # True: a chat of several exchanges is scored by its exchanges (`score_examples`). Off by default: it reads a
+    # harmful exchange wherever it sits (the middle of three: AUROC 0.9314 / 0.9984 on Dolly / NQ-open sets at p = 0.1,
+    # where every method reads chance), but gives a chat a chance to be flagged per exchange, and clean sets of chats
+    # kept 0.962-0.992 of their benign rows (lowest draw 0.945) against 1.000 (docs/validation.md, "A harmful exchange in the middle of a
+    # chat").
+    score_by_exchange: bool = False
 
     def __init__(self, posterior: SetPosterior, config: dict[str, Any], embedder: Embedder | None = None):
         self.posterior = posterior.eval()
@@ -106,7 +113,8 @@ class NeuralScheduler:
              scoring_shift_taper: Sequence[float] | None = None,
              withhold_below: float | None = None,
              withhold_block: Sequence[float] | None = None,
-             withhold_spares_refusals: bool | None = None, score_unreadable: bool = False) -> NeuralScheduler:
+             withhold_spares_refusals: bool | None = None, score_unreadable: bool = False,
+             score_by_exchange: bool = False) -> NeuralScheduler:
         """Load a checkpoint written by train_scheduler.py (or any BDSModule checkpoint).
 
         `scoring_shift` replaces the checkpoint's prior log-odds of a benign row at scoring (`SafetyPrior`):
@@ -118,7 +126,8 @@ class NeuralScheduler:
         through, fewer benign rows kept. `withhold_block` withholds it only from a set whose share of such rows exceeds
         its low end ([0.06, 0.07] was measured). `withhold_spares_refusals` keeps the whole shift for rows whose answer
         opens with a refusal, and leaves them out of the block's count. None keeps the checkpoint's.
-        `score_unreadable` scores rows that read as no English as any row (`NeuralScheduler.score_unreadable`)."""
+        `score_unreadable` scores rows that read as no English as any row (`NeuralScheduler.score_unreadable`).
+        `score_by_exchange` scores a chat of several exchanges by its exchanges (`NeuralScheduler.score_by_exchange`)."""
         path = Path(path)
         for name, value in (("scoring_shift", scoring_shift), ("withhold_below", withhold_below)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -126,7 +135,7 @@ class NeuralScheduler:
         taper = None if scoring_shift_taper is None else checked_taper(scoring_shift_taper)
         block = None if withhold_block is None else checked_taper(withhold_block, "withhold_block")
         for name, value in (("withhold_spares_refusals", withhold_spares_refusals),
-                            ("score_unreadable", score_unreadable)):
+                            ("score_unreadable", score_unreadable), ("score_by_exchange", score_by_exchange)):
             if value is not None and not isinstance(value, bool):
                 raise DataError(f"{name}: expected true or false; got {value!r}")
         if not path.is_file():
@@ -161,6 +170,7 @@ class NeuralScheduler:
         posterior.load_state_dict(state)
         scheduler = cls(posterior, config, embedder)
         scheduler.score_unreadable = bool(score_unreadable)
+        scheduler.score_by_exchange = bool(score_by_exchange)
         return scheduler
 
     @property
@@ -204,6 +214,41 @@ class NeuralScheduler:
                            scored.expected_harmful_fraction, scored.scoring_shift, scored.withheld,
                            scored.unshifted_mu.numpy(), unreadable)
 
+    def score_examples(self, examples: Sequence[Example], embeddings: RowEmbeddings) -> ScoreResult:
+        """Weights for one set of rows as `read` gives them, from their embeddings; by their exchanges where
+        `score_by_exchange` is on and the set holds chats of several exchanges (the row embeddings are not read then)."""
+        if self.score_by_exchange and any(e.exchanges for e in examples):
+            return self.score_by_exchanges(examples)
+        return self.score_embeddings(*embeddings, texts=RowTexts.of(examples))
+
+    def score_by_exchanges(self, examples: Sequence[Example]) -> ScoreResult:
+        """Each chat as harmful as its most harmful exchange: the exchanges at one place in their chats (counted from
+        the end; rows that are not such chats are their own last exchange) are read and scored as one set, and a chat
+        takes the exchange with the lowest posterior mean logit, its place's set's shift included. Scored as one set, a
+        harmful exchange in the middle of a chat is read as a plain row would be; a clean place's set keeps its own
+        shift, so its exchanges keep their weight (docs/validation.md, "A harmful exchange in the middle of a chat")."""
+        place_sets = exchange_places(examples)
+        lowest = {name: np.full(len(examples), np.inf) for name in ("mu", "sigma", "prior_mean", "unshifted_mu")}
+        fractions, shifts, withheld = [], [], 0
+        for rows, owners in place_sets:
+            read = self.read(rows)
+            result = self.score_embeddings(*self.embed(read), texts=RowTexts.of(read))
+            lower = result.mu < lowest["mu"][owners]
+            for name in lowest:
+                values = lowest[name][owners]
+                lowest[name][owners] = np.where(lower, getattr(result, name), values)
+            fractions.append(result.expected_harmful_fraction)
+            shifts.append(result.scoring_shift)
+            withheld += result.withheld
+        weight, std = (values.numpy() for values in posterior_weights(
+            torch.as_tensor(lowest["mu"]), torch.as_tensor(lowest["sigma"]), self.transform))
+        unreadable = np.array([not reads_as_english(e.prompt, e.response) for e in examples])
+        if not self.score_unreadable and 0 < unreadable.sum() < len(weight):
+            scale = len(weight) / weight[~unreadable].sum()
+            weight, std = np.where(unreadable, 0.0, weight * scale), np.where(unreadable, 0.0, std * scale)
+        return ScoreResult(weight, std, lowest["mu"], lowest["sigma"], lowest["prior_mean"], max(fractions),
+                           shifts[0], withheld, lowest["unshifted_mu"], unreadable)
+
     @torch.no_grad()
     def lookup_probability(self, prompts: torch.Tensor) -> np.ndarray:
         """The label-free baseline on the same rows: each prompt's similarity to the checkpoint's alignment prompts,
@@ -214,28 +259,27 @@ class NeuralScheduler:
     def score(self, rows: Iterable[Any]) -> ScoreResult:
         """Weights for rows given as dicts of any supported schema or as plain strings; the rows form one set."""
         examples = self.read(as_examples(rows))
-        return self.score_embeddings(*self.embed(examples), texts=RowTexts.of(examples))
+        return self.score_examples(examples, self.embed(examples))
 
     def clean_p_values(self, rows: Iterable[Any], clean_rows: Iterable[Any]) -> np.ndarray:
         """Each row's conformal p-value among the user's clean rows, scored in one set with them
         (`clean_p_values_from_embeddings`): flag p <= rate to drop at most `rate` of new clean rows like them."""
         examples = self.read(as_examples(rows))
         clean = self.read(as_examples(clean_rows), like=examples)
-        return self.clean_p_values_from_embeddings(self.embed(examples), RowTexts.of(examples), self.embed(clean),
-                                                   RowTexts.of(clean))
+        return self.clean_p_values_from_embeddings(examples, self.embed(examples), clean, self.embed(clean))
 
-    def clean_p_values_from_embeddings(self, embeddings: RowEmbeddings, texts: RowTexts,
-                                       clean_embeddings: RowEmbeddings, clean_texts: RowTexts) -> np.ndarray:
-        """The set's rows and the clean rows are scored as one set, and each row's `unshifted_mu` is read against the
-        clean rows' (`conformal_p_values`). Scored in one set, a clean row and a benign row of the set are read against
-        the same rows, so they are exchangeable however many harmful rows the set holds: the cost in benign rows
-        holds on a contaminated set, where a cut fitted on the clean rows scored apart flags fewer benign rows than
-        it was fitted to, and catches fewer harmful ones (docs/validation.md, "Clean rows scored inside the set")."""
-        pooled = RowEmbeddings(*(None if rows is None else torch.cat([rows, clean])
-                                 for rows, clean in zip(embeddings, clean_embeddings, strict=True)))
-        pooled_texts = RowTexts([*texts.prompts, *clean_texts.prompts], [*texts.responses, *clean_texts.responses])
-        mu = self.score_embeddings(*pooled, texts=pooled_texts).unshifted_mu
-        return conformal_p_values(mu[len(embeddings.prompts):], mu[:len(embeddings.prompts)])
+    def clean_p_values_from_embeddings(self, examples: Sequence[Example], embeddings: RowEmbeddings,
+                                       clean: Sequence[Example], clean_embeddings: RowEmbeddings) -> np.ndarray:
+        """The set's rows and the clean rows are scored as one set (`score_examples`), and each row's `unshifted_mu`
+        is read against the clean rows' (`conformal_p_values`). Scored in one set, a clean row and a benign row of the
+        set are read against the same rows, so they are exchangeable however many harmful rows the set holds: the cost
+        in benign rows holds on a contaminated set, where a cut fitted on the clean rows scored apart flags fewer
+        benign rows than it was fitted to, and catches fewer harmful ones (docs/validation.md, "Clean rows scored
+        inside the set")."""
+        pooled = RowEmbeddings(*(None if rows is None else torch.cat([rows, clean_rows])
+                                 for rows, clean_rows in zip(embeddings, clean_embeddings, strict=True)))
+        mu = self.score_examples([*examples, *clean], pooled).unshifted_mu
+        return conformal_p_values(mu[len(examples):], mu[:len(examples)])
 
 
 def as_examples(rows: Iterable[Any]) -> list[Example]:

@@ -221,6 +221,43 @@ def test_clean_rows_take_the_joint_text_of_the_upload_they_are_scored_with(train
     assert not any(e.joint_prompt for e in scheduler.read(long, like=upload_short))
 
 
+def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_dir, tmp_path):
+    """With `score_by_exchange`, the exchanges at one place in their chats are scored as one set, as a plain file of
+    those rows would be, and a chat takes the exchange with the lowest posterior mean logit. A file without such
+    chats is scored as without the option; apply says how many chats it scored so, in place of the warning."""
+    from scheduler.apply import apply_scheduler
+    from scheduler.scoring import NeuralScheduler
+
+    rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
+    chats = [{"messages": [{"role": role, "content": text} for exchange in (a, b, c)
+                           for role, text in (("user", exchange["prompt"]), ("assistant", exchange["response"]))],
+              "label": "harmful" if "harmful" in (a["label"], b["label"], c["label"]) else "benign"}
+             for a, b, c in zip(rows[0::3], rows[1::3], rows[2::3])]
+    by_exchange = NeuralScheduler.load(trained / "scheduler.ckpt", score_by_exchange=True)
+    scored = by_exchange.score(chats)
+    plain = NeuralScheduler.load(trained / "scheduler.ckpt")
+    places = [plain.score([{"prompt": r["prompt"], "response": r["response"]} for r in rows[place::3][:len(chats)]])
+              for place in (2, 1, 0)]  # each place's exchanges as a plain file: the last exchanges first
+    lowest = np.stack([place.mu for place in places]).min(0)
+    np.testing.assert_allclose(scored.mu, lowest, rtol=1e-5)
+    assert scored.weight.mean() == pytest.approx(1.0)
+    np.testing.assert_allclose(by_exchange.score(rows).weight, plain.score(rows).weight)
+
+    long_answer = " ".join(["Rivers carry water from the hills down to the sea."] * 40)
+    middle = [{"messages": [{"role": "user", "content": "Tell me about rivers."},
+                            {"role": "assistant", "content": long_answer},
+                            {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]},
+                            {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "Welcome."}]}
+              for r in rows]
+    source = write_jsonl(tmp_path / "middle.jsonl", middle)
+    warned = apply_scheduler(trained / "scheduler.ckpt", source, tmp_path / "warned.jsonl", histogram=False)
+    assert warned.inner_exchanges_past_window == len(rows) and "score_by_exchange=true" in str(warned)
+    read = apply_scheduler(trained / "scheduler.ckpt", source, tmp_path / "read.jsonl", histogram=False,
+                           score_by_exchange=True)
+    assert read.scored_by_exchange == len(rows) and f"scored by exchange: {len(rows)} chats" in str(read)
+    assert "between their first and last" not in str(read)
+
+
 def test_label_check_puts_the_alignment_lookup_beside_the_scheduler(trained, data_dir, tmp_path):
     """On a labelled file the summary gives the look-up's detection on the same rows; its AUROC is that of
     the prompts' mean cosine similarity to their k nearest alignment prompts, computed here by hand."""

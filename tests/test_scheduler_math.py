@@ -582,3 +582,20 @@ def test_lexical_contrast_counts_against_the_logit_after_the_shift_is_set():
     assert scored.reads_texts_at_scoring and not plain.reads_texts_at_scoring
     with pytest.raises(ValueError, match="alignment prompts' texts"):
         SetPosterior(network, prior, bank, lexical=lexical)
+
+
+def test_exchange_places_group_each_chat_exchange_by_its_place_from_the_end():
+    """A chat's last exchange is at place 0, the one before it at place 1, ...; a row that is not a chat of several
+    exchanges is its own exchange at place 0; each exchange keeps its chat's row and knows which chat it came from."""
+    from scheduler.data.io import examples_from_rows
+    from scheduler.features import exchange_places
+
+    turns = lambda *texts: {"messages": [{"role": role, "content": text}
+                                         for role, text in zip(["user", "assistant"] * 3, texts)], "id": len(texts)}
+    rows = examples_from_rows([turns("a1", "b1", "a2", "b2", "a3", "b3"), {"prompt": "p", "response": "r"},
+                               turns("c1", "d1", "c2", "d2")])
+    places = exchange_places(rows)
+    assert [[(e.prompt, e.response) for e in exchanges] for exchanges, _ in places] == [
+        [("a3", "b3"), ("p", "r"), ("c2", "d2")], [("a2", "b2"), ("c1", "d1")], [("a1", "b1")]]
+    assert [owners.tolist() for _, owners in places] == [[0, 1, 2], [0, 2], [0]]
+    assert places[1][0][1].row["id"] == 4
