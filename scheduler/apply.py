@@ -144,7 +144,7 @@ class ApplySummary:
         if self.read_apart:
             text += (f"read apart: {self.read_apart} rows were read as another reading than their whole prompt, the "
                      "one most like the alignment prompts (a part beside encoded text; with a chat's system turn)\n")
-        if self.requests_past_window:
+        if self.requests_past_window and not self.scored_by_exchange:  # else no chat is read whole
             text += (f"note: {self.requests_past_window} chat rows ask their last request after earlier turns that fill "
                      "the prompt embedder's window: the request is not read in the prompt; "
                      + ("they are most of the rows, so each chat was read with its last exchange as its joint text"

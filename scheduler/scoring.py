@@ -246,8 +246,9 @@ class NeuralScheduler:
         if not self.score_unreadable and 0 < unreadable.sum() < len(weight):
             scale = len(weight) / weight[~unreadable].sum()
             weight, std = np.where(unreadable, 0.0, weight * scale), np.where(unreadable, 0.0, std * scale)
-        return ScoreResult(weight, std, lowest["mu"], lowest["sigma"], lowest["prior_mean"], max(fractions),
-                           shifts[0], withheld, lowest["unshifted_mu"], unreadable)
+        most = int(np.argmax(fractions))  # the set's summary is its most harmful place's: fraction and shift
+        return ScoreResult(weight, std, lowest["mu"], lowest["sigma"], lowest["prior_mean"], fractions[most],
+                           shifts[most], withheld, lowest["unshifted_mu"], unreadable)
 
     @torch.no_grad()
     def lookup_probability(self, prompts: torch.Tensor) -> np.ndarray:

@@ -255,7 +255,7 @@ def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_
     read = apply_scheduler(trained / "scheduler.ckpt", source, tmp_path / "read.jsonl", histogram=False,
                            score_by_exchange=True)
     assert read.scored_by_exchange == len(rows) and f"scored by exchange: {len(rows)} chats" in str(read)
-    assert "between their first and last" not in str(read)
+    assert "between their first and last" not in str(read) and "prompt embedder's window" not in str(read)
 
 
 def test_label_check_puts_the_alignment_lookup_beside_the_scheduler(trained, data_dir, tmp_path):
