@@ -92,10 +92,10 @@ class NeuralScheduler:
     # as unreadable. True scores them as any row.
     score_unreadable: bool = False
     # True: a chat of several exchanges is scored by its exchanges (`score_examples`). Off by default: it reads a
-    # harmful exchange wherever it sits (the middle of three: AUROC 0.9314 / 0.9984 on Dolly / NQ-open sets at p = 0.1,
-    # where every method reads chance), but gives a chat a chance to be flagged per exchange, and clean sets of chats
-    # kept 0.962-0.992 of their benign rows (lowest draw 0.945) against 1.000 (docs/validation.md, "A harmful exchange in the middle of a
-    # chat").
+    # harmful exchange wherever it sits (the middle of three: AUROC 0.9314 / 0.9984 on Dolly / NQ-open sets at
+    # p = 0.1, where every method reads chance), but gives a chat a chance to be flagged per exchange: clean sets of
+    # chats kept 0.962-0.992 of their benign rows (lowest draw 0.945) against 1.000 (docs/validation.md, "A harmful
+    # exchange in the middle of a chat"). A chat's system turn is not read then, nor is an exchange read decoded.
     score_by_exchange: bool = False
 
     def __init__(self, posterior: SetPosterior, config: dict[str, Any], embedder: Embedder | None = None):
