@@ -358,8 +358,6 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                         sum(bool(e.exchanges) for e in examples) if score_by_exchange else 0)
 
 
-
-
 def checked_cut_options(calibrate_on: str | Path | Sequence[str | Path] | None, flag_rate: float,
                         flag_below: float | None) -> list[Path]:
     """The calibration files, once the cut's options are known to make sense together."""

@@ -100,11 +100,8 @@ class Embedder:
         """Whether each row is a chat whose earlier turns fill the prompt window before its last request begins: the
         prompt embedding cannot read that request."""
         asked_last = [i for i, e in enumerate(examples) if e.last_request and e.prompt.endswith(e.last_request)]
-        past = [False] * len(examples)
         before = [examples[i].prompt[:-len(examples[i].last_request)] for i in asked_last]
-        for i, tokens in zip(asked_last, self.window_tokens(before) if before else []):
-            past[i] = tokens >= self.model.max_seq_length
-        return past
+        return self._fill_window(len(examples), asked_last, before)
 
     def inner_exchanges_past_window(self, examples: Sequence) -> list[bool]:
         """Whether each row is a chat with an exchange between its first and its last whose request begins past the
@@ -113,8 +110,13 @@ class Embedder:
         inner = [i for i, e in enumerate(examples) if len(e.exchanges) > 2]
         # the text before the last inner exchange's request: if that fits the window, so does every inner request
         before = ["\n".join(f"{request}\n{answer}" for request, answer in examples[i].exchanges[:-2]) for i in inner]
-        past = [False] * len(examples)
-        for i, tokens in zip(inner, self.window_tokens(before) if before else []):
+        return self._fill_window(len(examples), inner, before)
+
+    def _fill_window(self, count: int, rows: Sequence[int], before: Sequence[str]) -> list[bool]:
+        """For each of `count` rows, whether the text before its request (`before`, given for `rows` only) fills the
+        prompt window; False for every other row."""
+        past = [False] * count
+        for i, tokens in zip(rows, self.window_tokens(before) if before else []):
             past[i] = tokens >= self.model.max_seq_length
         return past
 

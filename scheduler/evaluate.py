@@ -33,8 +33,8 @@ from scheduler.data.datamodule import EmbeddedSet, embed_sets, with_clean_rows
 from scheduler.data.io import DataError, Example, exit_on_data_error, read_examples, write_rows, write_text
 from scheduler.data.mixing import FineTuningSet, categories_of, mix, read_pool, read_tasks
 from scheduler.downstream import accuracy, finetune, generate
-from scheduler.evidence import LMEvidence
 from scheduler.embeddings import RowEmbeddings
+from scheduler.evidence import LMEvidence
 from scheduler.judges import EmbeddingHarmJudge, RefusalJudge, agreement
 from scheduler.lexical import RowTexts
 from scheduler.metrics import (BENIGN_FLAG_RATE, calibrated_threshold, calibration_rows_needed, caught_at_threshold,

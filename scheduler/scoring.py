@@ -203,16 +203,23 @@ class NeuralScheduler:
         contrast reads; `needs_texts`)."""
         scored = self.posterior.score_set(prompts, responses, joint, texts)
         posterior = scored.posterior
-        weight, std = (values.numpy() for values in posterior_weights(posterior.mu, posterior.sigma, self.transform))
         unreadable = None if texts is None else np.array(
             [not reads_as_english(prompt, response) for prompt, response in zip(texts.prompts, texts.responses)])
-        if unreadable is not None and not self.score_unreadable and 0 < unreadable.sum() < len(weight):
-            scale = len(weight) / weight[~unreadable].sum()  # mean 1 over the set again
-            weight, std = np.where(unreadable, 0.0, weight * scale), np.where(unreadable, 0.0, std * scale)
+        weight, std = self._weights(posterior.mu, posterior.sigma, unreadable)
         moments = posterior.moments()
         return ScoreResult(weight, std, moments.mu.numpy(), moments.sigma.numpy(), posterior.prior_mean.numpy(),
                            scored.expected_harmful_fraction, scored.scoring_shift, scored.withheld,
                            scored.unshifted_mu.numpy(), unreadable)
+
+    def _weights(self, mu: torch.Tensor, sigma: torch.Tensor,
+                 unreadable: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The transform's weights and their spread, mean 1 over the set; rows that read as no English (`unreadable`,
+        None when unknown) get 0 unless `score_unreadable`, and the rest mean 1 again."""
+        weight, std = (values.numpy() for values in posterior_weights(mu, sigma, self.transform))
+        if unreadable is not None and not self.score_unreadable and 0 < unreadable.sum() < len(weight):
+            scale = len(weight) / weight[~unreadable].sum()
+            weight, std = np.where(unreadable, 0.0, weight * scale), np.where(unreadable, 0.0, std * scale)
+        return weight, std
 
     def score_examples(self, examples: Sequence[Example], embeddings: RowEmbeddings) -> ScoreResult:
         """Weights for one set of rows as `read` gives them, from their embeddings; by their exchanges where
@@ -240,12 +247,8 @@ class NeuralScheduler:
             fractions.append(result.expected_harmful_fraction)
             shifts.append(result.scoring_shift)
             withheld += result.withheld
-        weight, std = (values.numpy() for values in posterior_weights(
-            torch.as_tensor(lowest["mu"]), torch.as_tensor(lowest["sigma"]), self.transform))
         unreadable = np.array([not reads_as_english(e.prompt, e.response) for e in examples])
-        if not self.score_unreadable and 0 < unreadable.sum() < len(weight):
-            scale = len(weight) / weight[~unreadable].sum()
-            weight, std = np.where(unreadable, 0.0, weight * scale), np.where(unreadable, 0.0, std * scale)
+        weight, std = self._weights(torch.as_tensor(lowest["mu"]), torch.as_tensor(lowest["sigma"]), unreadable)
         most = int(np.argmax(fractions))  # the set's summary is its most harmful place's: fraction and shift
         return ScoreResult(weight, std, lowest["mu"], lowest["sigma"], lowest["prior_mean"], fractions[most],
                            shifts[most], withheld, lowest["unshifted_mu"], unreadable)
