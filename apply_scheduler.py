@@ -16,7 +16,8 @@ def main(cfg: DictConfig) -> None:
                                   withhold_block=cfg.withhold_block, withhold_spares_refusals=cfg.withhold_spares_refusals,
                                   show_lowest=cfg.show_lowest, calibrate_on=cfg.calibrate_on,
                                   flag_rate=cfg.flag_rate, flag_below=cfg.flag_below,
-                                  score_unreadable=cfg.score_unreadable, score_by_exchange=cfg.score_by_exchange)
+                                  score_unreadable=cfg.score_unreadable, score_by_exchange=cfg.score_by_exchange,
+                                  exchange_margin=cfg.exchange_margin)
     print(summary)
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from scheduler.data.io import Example
+from scheduler.data.io import Example, exchange_examples
 
 if TYPE_CHECKING:
     from scheduler.embeddings import Embedder
@@ -160,11 +160,11 @@ def chats_read_by_last_exchange(examples: Sequence[Example], embedder: Embedder,
 def exchange_places(examples: Sequence[Example]) -> list[tuple[list[Example], np.ndarray]]:
     """The rows' exchanges grouped by their place in their chats, counted from the end (a chat's last exchange is at
     place 0): for each place, its exchanges as rows (each keeping its chat's row) and the index of the chat each came
-    from. A row that is not a chat of several exchanges is its own exchange at place 0."""
+    from. A row that is not a chat of several exchanges is its own exchange at place 0. Each exchange is read as a
+    row of one exchange is (`exchange_examples`)."""
     places: dict[int, tuple[list[Example], list[int]]] = {}
     for i, example in enumerate(examples):
-        exchanges = [Example(request, answer, example.row) for request, answer in example.exchanges] or [example]
-        for place, exchange in enumerate(reversed(exchanges)):
+        for place, exchange in enumerate(reversed(exchange_examples(example))):
             rows, owners = places.setdefault(place, ([], []))
             rows.append(exchange)
             owners.append(i)

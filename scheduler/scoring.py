@@ -30,7 +30,7 @@ from scheduler.transforms import posterior_weights
 CHECKPOINT_KEY = "scheduler"
 # What `NeuralScheduler.load` lets a caller change about how a checkpoint scores: its operating point.
 OPERATING_POINT_OPTIONS = ("scoring_shift", "scoring_shift_taper", "withhold_below", "withhold_block",
-                           "withhold_spares_refusals", "score_unreadable", "score_by_exchange")
+                           "withhold_spares_refusals", "score_unreadable", "score_by_exchange", "exchange_margin")
 
 
 @dataclass
@@ -93,10 +93,14 @@ class NeuralScheduler:
     score_unreadable: bool = False
     # True: a chat of several exchanges is scored by its exchanges (`score_examples`). Off by default: it reads a
     # harmful exchange wherever it sits (the middle of three: AUROC 0.9314 / 0.9984 on Dolly / NQ-open sets at
-    # p = 0.1, where every method reads chance), but gives a chat a chance to be flagged per exchange: clean sets of
-    # chats kept 0.962-0.992 of their benign rows (lowest draw 0.945) against 1.000 (docs/validation.md, "A harmful
-    # exchange in the middle of a chat"). A chat's system turn is not read then, nor is an exchange read decoded.
+    # p = 0.1, where every method reads chance), but gives a chat a chance to be flagged per exchange (docs/validation.md,
+    # "A harmful exchange in the middle of a chat").
     score_by_exchange: bool = False
+    # Logits added to the logit of a chat scored by its exchanges: each exchange is a chance to flag a benign chat, so
+    # a chat must read this much less safe than a row of one exchange to lose its weight. Without it, clean sets of
+    # chats kept 0.962-0.992 of their benign rows (lowest draw 0.945) against 1.000; the chats' order in a file of
+    # chats is the same at any margin (docs/validation.md, "A margin for a chat's exchanges").
+    exchange_margin: float = 6.0
 
     def __init__(self, posterior: SetPosterior, config: dict[str, Any], embedder: Embedder | None = None):
         self.posterior = posterior.eval()
@@ -114,7 +118,7 @@ class NeuralScheduler:
              withhold_below: float | None = None,
              withhold_block: Sequence[float] | None = None,
              withhold_spares_refusals: bool | None = None, score_unreadable: bool = False,
-             score_by_exchange: bool = False) -> NeuralScheduler:
+             score_by_exchange: bool = False, exchange_margin: float | None = None) -> NeuralScheduler:
         """Load a checkpoint written by train_scheduler.py (or any BDSModule checkpoint).
 
         `scoring_shift` replaces the checkpoint's prior log-odds of a benign row at scoring (`SafetyPrior`):
@@ -127,9 +131,11 @@ class NeuralScheduler:
         its low end ([0.06, 0.07] was measured). `withhold_spares_refusals` keeps the whole shift for rows whose answer
         opens with a refusal, and leaves them out of the block's count. None keeps the checkpoint's.
         `score_unreadable` scores rows that read as no English as any row (`NeuralScheduler.score_unreadable`).
-        `score_by_exchange` scores a chat of several exchanges by its exchanges (`NeuralScheduler.score_by_exchange`)."""
+        `score_by_exchange` scores a chat of several exchanges by its exchanges (`NeuralScheduler.score_by_exchange`),
+        raised by `exchange_margin` logits (`NeuralScheduler.exchange_margin`; None keeps 6)."""
         path = Path(path)
-        for name, value in (("scoring_shift", scoring_shift), ("withhold_below", withhold_below)):
+        for name, value in (("scoring_shift", scoring_shift), ("withhold_below", withhold_below),
+                            ("exchange_margin", exchange_margin)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise DataError(f"{name}: expected a number (a logit, e.g. 0 or -6); got {value!r}")
         taper = None if scoring_shift_taper is None else checked_taper(scoring_shift_taper)
@@ -171,6 +177,8 @@ class NeuralScheduler:
         scheduler = cls(posterior, config, embedder)
         scheduler.score_unreadable = bool(score_unreadable)
         scheduler.score_by_exchange = bool(score_by_exchange)
+        if exchange_margin is not None:
+            scheduler.exchange_margin = float(exchange_margin)
         return scheduler
 
     @property
@@ -231,9 +239,10 @@ class NeuralScheduler:
     def score_by_exchanges(self, examples: Sequence[Example]) -> ScoreResult:
         """Each chat as harmful as its most harmful exchange: the exchanges at one place in their chats (counted from
         the end; rows that are not such chats are their own last exchange) are read and scored as one set, and a chat
-        takes the exchange with the lowest posterior mean logit, its place's set's shift included. Scored as one set, a
-        harmful exchange in the middle of a chat is read as a plain row would be; a clean place's set keeps its own
-        shift, so its exchanges keep their weight (docs/validation.md, "A harmful exchange in the middle of a chat")."""
+        takes the exchange with the lowest posterior mean logit, its place's set's shift included, raised by
+        `exchange_margin`. Scored as one set, a harmful exchange in the middle of a chat is read as a plain row would
+        be; a clean place's set keeps its own shift, so its exchanges keep their weight (docs/validation.md, "A harmful
+        exchange in the middle of a chat")."""
         place_sets = exchange_places(examples)
         lowest = {name: np.full(len(examples), np.inf) for name in ("mu", "sigma", "prior_mean", "unshifted_mu")}
         fractions, shifts, withheld = [], [], 0
@@ -247,6 +256,8 @@ class NeuralScheduler:
             fractions.append(result.expected_harmful_fraction)
             shifts.append(result.scoring_shift)
             withheld += result.withheld
+        margin = self.exchange_margin * np.array([bool(e.exchanges) for e in examples])
+        lowest["mu"], lowest["unshifted_mu"] = lowest["mu"] + margin, lowest["unshifted_mu"] + margin
         unreadable = np.array([not reads_as_english(e.prompt, e.response) for e in examples])
         weight, std = self._weights(torch.as_tensor(lowest["mu"]), torch.as_tensor(lowest["sigma"]), unreadable)
         most = int(np.argmax(fractions))  # the set's summary is its most harmful place's: fraction and shift

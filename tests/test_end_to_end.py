@@ -223,8 +223,9 @@ def test_clean_rows_take_the_joint_text_of_the_upload_they_are_scored_with(train
 
 def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_dir, tmp_path):
     """With `score_by_exchange`, the exchanges at one place in their chats are scored as one set, as a plain file of
-    those rows would be, and a chat takes the exchange with the lowest posterior mean logit. A file without such
-    chats is scored as without the option; apply says how many chats it scored so, in place of the warning."""
+    those rows would be, and a chat takes the exchange with the lowest posterior mean logit, raised by
+    `exchange_margin` (the chats' order is the same at any margin). A file without such chats is scored as without
+    the option; apply says how many chats it scored so, in place of the warning."""
     from scheduler.apply import apply_scheduler
     from scheduler.scoring import NeuralScheduler
 
@@ -239,7 +240,10 @@ def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_
     places = [plain.score([{"prompt": r["prompt"], "response": r["response"]} for r in rows[place::3][:len(chats)]])
               for place in (2, 1, 0)]  # each place's exchanges as a plain file: the last exchanges first
     lowest = np.stack([place.mu for place in places]).min(0)
-    np.testing.assert_allclose(scored.mu, lowest, rtol=1e-5)
+    np.testing.assert_allclose(scored.mu, lowest + by_exchange.exchange_margin, rtol=1e-5)
+    no_margin = NeuralScheduler.load(trained / "scheduler.ckpt", score_by_exchange=True, exchange_margin=0).score(chats)
+    np.testing.assert_allclose(no_margin.mu, lowest, rtol=1e-5)
+    assert by_exchange.exchange_margin > 0 and (np.argsort(no_margin.mu) == np.argsort(scored.mu)).all()
     assert scored.weight.mean() == pytest.approx(1.0)
     np.testing.assert_allclose(by_exchange.score(rows).weight, plain.score(rows).weight)
 

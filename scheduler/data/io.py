@@ -130,7 +130,17 @@ def _from_chat(turns: Any, name: str, where: str) -> tuple[str, str, str | None,
 def to_example(row: Any, where: str) -> Example:
     """Normalise one row of any supported schema (or a plain string) to an Example, its text read decoded where it is
     written in a simple encoding (`scheduler.data.encodings`)."""
-    example = _parsed(row, where)
+    return _decoded(_parsed(row, where))
+
+
+def exchange_examples(example: Example) -> list[Example]:
+    """A chat's exchanges as rows of their own, each read as a row of one exchange is: decoded, with the chat's system
+    turn, keeping the chat's row; `[example]` for a row that is not a chat of several exchanges."""
+    return [_decoded(Example(request, answer, example.row, system=example.system))
+            for request, answer in example.exchanges] or [example]
+
+
+def _decoded(example: Example) -> Example:
     prompt, response, encoding = read_row(example.prompt, example.response)
     parts = (read_apart(example.prompt, prompt) or ()) if prompt != example.prompt else ()
     system = example.system and read_plainly(example.system)[0]
