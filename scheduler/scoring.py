@@ -92,14 +92,13 @@ class NeuralScheduler:
     # as unreadable. True scores them as any row.
     score_unreadable: bool = False
     # True: a chat of several exchanges is scored by its exchanges (`score_examples`). Off by default: it reads a
-    # harmful exchange wherever it sits (the middle of three: AUROC 0.9314 / 0.9984 on Dolly / NQ-open sets at
-    # p = 0.1, where every method reads chance), but gives a chat a chance to be flagged per exchange (docs/validation.md,
-    # "A harmful exchange in the middle of a chat").
+    # harmful exchange wherever it sits (the middle of three: AUROC 0.8917-1.0000 on nine tasks at p = 0.1, where the
+    # default and both baselines read 0.42-0.85), but each exchange is a chance to flag a benign chat, and a chat built
+    # on a sensitive exchange answered safely is flagged (docs/validation.md, "A margin for a chat's exchanges").
     score_by_exchange: bool = False
-    # Logits added to the logit of a chat scored by its exchanges: each exchange is a chance to flag a benign chat, so
-    # a chat must read this much less safe than a row of one exchange to lose its weight. Without it, clean sets of
-    # chats kept 0.962-0.992 of their benign rows (lowest draw 0.945) against 1.000; the chats' order in a file of
-    # chats is the same at any margin (docs/validation.md, "A margin for a chat's exchanges").
+    # Logits added to the logit of a chat scored by its exchanges, so that a chat must read this much less safe than
+    # a single row to lose its weight. Clean sets of chats kept 0.983-1.000 of their benign rows (lowest draw 0.970),
+    # 0.962-0.992 (0.945) without it; the chats' order in a file of chats is the same at any margin.
     exchange_margin: float = 6.0
 
     def __init__(self, posterior: SetPosterior, config: dict[str, Any], embedder: Embedder | None = None):
