@@ -98,7 +98,7 @@ class NeuralScheduler:
     score_by_exchange: bool = False
     # Logits added to the logit of a chat scored by its exchanges, so that a chat must read this much less safe than
     # a single row to lose its weight. Clean sets of chats kept 0.983-1.000 of their benign rows (lowest draw 0.970),
-    # 0.962-0.992 (0.945) without it; the chats' order in a file of chats is the same at any margin.
+    # 0.962-0.992 (0.945) without it; the order of the chats' logits in a file of chats is the same at any margin.
     exchange_margin: float = 6.0
 
     def __init__(self, posterior: SetPosterior, config: dict[str, Any], embedder: Embedder | None = None):
