@@ -99,6 +99,7 @@ class ApplySummary:
     read_by_last_exchange: bool = False  # whether chats were read jointly by their last exchange
     inner_exchanges_past_window: int = 0  # chat rows with an exchange between first and last that nothing reads
     scored_by_exchange: int = 0  # chats of several exchanges scored by their exchanges (`score_by_exchange`)
+    lowered_by_earlier_exchange: int = 0  # of the rows below 0.5, those whose weight came from an exchange before the last
 
     @property
     def rows(self) -> int:
@@ -154,7 +155,8 @@ class ApplySummary:
         if self.scored_by_exchange:
             text += (f"scored by exchange: {self.scored_by_exchange} chats of several exchanges, each as harmful as its "
                      "most harmful exchange (score_by_exchange; docs/validation.md, \"A harmful exchange in the middle "
-                     "of a chat\")\n")
+                     f"of a chat\"); {self.lowered_by_earlier_exchange} of the rows below 0.5 took their weight from "
+                     "an exchange before the last (column exchange_from_end counts from a chat's end)\n")
         elif self.inner_exchanges_past_window:
             text += (f"warning: {self.inner_exchanges_past_window} chat rows hold an exchange between their first and "
                      "last that begins past the prompt embedder's window: no reading reaches it, and a harmful exchange "
@@ -242,7 +244,7 @@ def score_sets(scheduler: NeuralScheduler, embeddings: RowEmbeddings, examples: 
     for name, rows in tqdm(members.items(), desc="scoring sets", unit=" sets", disable=len(members) == 1):
         result = scheduler.score_examples([examples[i] for i in rows], embeddings_of(embeddings, rows))
         for column, values in result.columns().items():
-            columns.setdefault(column, np.zeros(len(examples)))[rows] = values
+            columns.setdefault(column, np.zeros(len(examples), dtype=values.dtype))[rows] = values
         unreadable[rows] = result.unreadable
         sets.append(SetSummary(name, len(rows), int((result.weight < 0.5).sum()), result.expected_harmful_fraction,
                                result.scoring_shift, result.withheld))
@@ -358,7 +360,8 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                         dict(Counter(e.encoding for e in examples if e.encoding)),
                         (np.flatnonzero(unreadable) + 1).tolist(), score_unreadable, read_apart, past_window,
                         any(e.joint_prompt for e in examples), inner_past_window,
-                        sum(bool(e.exchanges) for e in examples) if score_by_exchange else 0)
+                        sum(bool(e.exchanges) for e in examples) if score_by_exchange else 0,
+                        int(((weights < 0.5) & (columns.get("exchange_from_end", 0) > 0)).sum()))
 
 
 def checked_cut_options(calibrate_on: str | Path | Sequence[str | Path] | None, flag_rate: float,

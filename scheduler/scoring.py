@@ -52,10 +52,14 @@ class ScoreResult:
     # Rows that read as no English (`reads_as_english`; None when scored without their texts). Unless the scheduler
     # scores them (`NeuralScheduler.score_unreadable`), their weight is 0.
     unreadable: np.ndarray | None = None
+    # Scored by exchange (`NeuralScheduler.score_by_exchanges`): the exchange each row's logit came from, counted from
+    # its chat's end (0: the last, which a row of one exchange is); None when the rows were read whole.
+    exchange_from_end: np.ndarray | None = None
 
     def columns(self) -> dict[str, np.ndarray]:
-        return {"weight": self.weight, "weight_std": self.weight_std, "posterior_mu": self.mu,
-                "posterior_sigma": self.sigma, "prior_mean": self.prior_mean, "unshifted_mu": self.unshifted_mu}
+        columns = {"weight": self.weight, "weight_std": self.weight_std, "posterior_mu": self.mu,
+                   "posterior_sigma": self.sigma, "prior_mean": self.prior_mean, "unshifted_mu": self.unshifted_mu}
+        return columns if self.exchange_from_end is None else columns | {"exchange_from_end": self.exchange_from_end}
 
 
 def build_posterior(config: dict[str, Any], bank: AlignmentBank) -> SetPosterior:
@@ -244,14 +248,16 @@ class NeuralScheduler:
         exchange in the middle of a chat")."""
         place_sets = exchange_places(examples)
         lowest = {name: np.full(len(examples), np.inf) for name in ("mu", "sigma", "prior_mean", "unshifted_mu")}
+        from_end = np.zeros(len(examples), dtype=int)
         fractions, shifts, withheld = [], [], 0
-        for rows, owners in place_sets:
+        for place, (rows, owners) in enumerate(place_sets):
             read = self.read(rows)
             result = self.score_embeddings(*self.embed(read), texts=RowTexts.of(read))
             lower = result.mu < lowest["mu"][owners]
             for name in lowest:
                 values = lowest[name][owners]
                 lowest[name][owners] = np.where(lower, getattr(result, name), values)
+            from_end[owners] = np.where(lower, place, from_end[owners])
             fractions.append(result.expected_harmful_fraction)
             shifts.append(result.scoring_shift)
             withheld += result.withheld
@@ -261,7 +267,7 @@ class NeuralScheduler:
         weight, std = self._weights(torch.as_tensor(lowest["mu"]), torch.as_tensor(lowest["sigma"]), unreadable)
         most = int(np.argmax(fractions))  # the set's summary is its most harmful place's: fraction and shift
         return ScoreResult(weight, std, lowest["mu"], lowest["sigma"], lowest["prior_mean"], fractions[most],
-                           shifts[most], withheld, lowest["unshifted_mu"], unreadable)
+                           shifts[most], withheld, lowest["unshifted_mu"], unreadable, from_end)
 
     @torch.no_grad()
     def lookup_probability(self, prompts: torch.Tensor) -> np.ndarray:

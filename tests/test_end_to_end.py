@@ -241,11 +241,13 @@ def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_
               for place in (2, 1, 0)]  # each place's exchanges as a plain file: the last exchanges first
     lowest = np.stack([place.mu for place in places]).min(0)
     np.testing.assert_allclose(scored.mu, lowest + by_exchange.exchange_margin, rtol=1e-5)
+    assert (scored.exchange_from_end == np.stack([place.mu for place in places]).argmin(0)).all()
     no_margin = NeuralScheduler.load(trained / "scheduler.ckpt", score_by_exchange=True, exchange_margin=0).score(chats)
     np.testing.assert_allclose(no_margin.mu, lowest, rtol=1e-5)
     assert by_exchange.exchange_margin > 0 and (np.argsort(no_margin.mu) == np.argsort(scored.mu)).all()
     assert scored.weight.mean() == pytest.approx(1.0)
     np.testing.assert_allclose(by_exchange.score(rows).weight, plain.score(rows).weight)
+    assert by_exchange.score(rows).exchange_from_end is None
 
     long_answer = " ".join(["Rivers carry water from the hills down to the sea."] * 40)
     middle = [{"messages": [{"role": "user", "content": "Tell me about rivers."},
@@ -259,6 +261,13 @@ def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_
     read = apply_scheduler(trained / "scheduler.ckpt", source, tmp_path / "read.jsonl", histogram=False,
                            score_by_exchange=True)
     assert read.scored_by_exchange == len(rows) and f"scored by exchange: {len(rows)} chats" in str(read)
+    written = [json.loads(line) for line in (tmp_path / "read.jsonl").read_text().splitlines()]
+    from_end = np.array([row["exchange_from_end"] for row in written])
+    assert set(from_end) <= {0, 1, 2} and all(isinstance(row["exchange_from_end"], int) for row in written)
+    below = np.array([row["weight"] for row in written]) < 0.5
+    assert read.lowered_by_earlier_exchange == int((below & (from_end > 0)).sum())
+    assert f"{read.lowered_by_earlier_exchange} of the rows below 0.5 took their weight" in str(read)
+    assert "exchange_from_end" not in json.loads((tmp_path / "warned.jsonl").read_text().splitlines()[0])
     assert "between their first and last" not in str(read) and "prompt embedder's window" not in str(read)
 
 
