@@ -214,8 +214,7 @@ class NeuralScheduler:
         contrast reads; `needs_texts`)."""
         scored = self.posterior.score_set(prompts, responses, joint, texts)
         posterior = scored.posterior
-        unreadable = None if texts is None else np.array(
-            [not reads_as_english(prompt, response) for prompt, response in zip(texts.prompts, texts.responses)])
+        unreadable = None if texts is None else unreadable_rows(texts)
         weight, std = self._weights(posterior.mu, posterior.sigma, unreadable)
         moments = posterior.moments()
         return ScoreResult(weight, std, moments.mu.numpy(), moments.sigma.numpy(), posterior.prior_mean.numpy(),
@@ -263,7 +262,7 @@ class NeuralScheduler:
             withheld += result.withheld
         margin = self.exchange_margin * np.array([bool(e.exchanges) for e in examples])
         lowest["mu"], lowest["unshifted_mu"] = lowest["mu"] + margin, lowest["unshifted_mu"] + margin
-        unreadable = np.array([not reads_as_english(e.prompt, e.response) for e in examples])
+        unreadable = unreadable_rows(RowTexts.of(examples))
         weight, std = self._weights(torch.as_tensor(lowest["mu"]), torch.as_tensor(lowest["sigma"]), unreadable)
         most = int(np.argmax(fractions))  # the set's summary is its most harmful place's: fraction and shift
         return ScoreResult(weight, std, lowest["mu"], lowest["sigma"], lowest["prior_mean"], fractions[most],
@@ -300,6 +299,11 @@ class NeuralScheduler:
                                  for rows, clean_rows in zip(embeddings, clean_embeddings, strict=True)))
         mu = self.score_examples([*examples, *clean], pooled).unshifted_mu
         return conformal_p_values(mu[len(examples):], mu[:len(examples)])
+
+
+def unreadable_rows(texts: RowTexts) -> np.ndarray:
+    """Whether each row reads as no English (`reads_as_english`)."""
+    return np.array([not reads_as_english(prompt, response) for prompt, response in zip(texts.prompts, texts.responses)])
 
 
 def as_examples(rows: Iterable[Any]) -> list[Example]:
