@@ -154,16 +154,16 @@ class ApplySummary:
                      + " (docs/validation.md, \"A harmful request in a conversation\")\n")
         if self.scored_by_exchange:
             text += (f"scored by exchange: {self.scored_by_exchange} chats of several exchanges, each as harmful as its "
-                     "most harmful exchange (score_by_exchange; docs/validation.md, \"A harmful exchange in the middle "
-                     f"of a chat\"); {self.lowered_by_earlier_exchange} of the rows below 0.5 took their weight from "
+                     "most harmful exchange (score_by_exchange; docs/validation.md, \"A margin that grows with a chat's "
+                     f"exchanges\"); {self.lowered_by_earlier_exchange} of the rows below 0.5 took their weight from "
                      "an exchange before the last (column exchange_from_end counts from a chat's end)\n")
         elif self.inner_exchanges_past_window:
             text += (f"warning: {self.inner_exchanges_past_window} chat rows hold an exchange between their first and "
                      "last that begins past the prompt embedder's window: no reading reaches it, and a harmful exchange "
                      "there was ranked near chance by the scheduler and both baselines; a trainer that learns from "
-                     "every answer learns from it, so review such rows, or score them with score_by_exchange=true, "
-                     "which reads every exchange and flags more clean chats (docs/validation.md, \"A harmful exchange "
-                     "in the middle of a chat\")\n")
+                     "every answer learns from it, so review such rows, or score them by their exchanges "
+                     "(score_by_exchange=true, the default; docs/validation.md, \"A margin that grows with a chat's "
+                     "exchanges\")\n")
         if self.unreadable:
             shown = ", ".join(map(str, self.unreadable[:UNREADABLE_SHOWN]))
             treated = ("scored as any row (score_unreadable), so their weights say nothing about them"
@@ -291,7 +291,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                     withhold_block: Sequence[float] | None = None, withhold_spares_refusals: bool | None = None,
                     show_lowest: int = 5, calibrate_on: str | Path | Sequence[str | Path] | None = None,
                     flag_rate: float = BENIGN_FLAG_RATE, flag_below: float | None = None,
-                    score_unreadable: bool = False, score_by_exchange: bool = False,
+                    score_unreadable: bool = False, score_by_exchange: bool = True,
                     exchange_margin: float | None = None) -> ApplySummary:
     """Read, embed, score and write atomically; the input file is never modified.
 
@@ -308,7 +308,8 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     `flag_below` flags the rows whose `unshifted_mu` lies below a cut of the user's own.
     Rows that read as no English get weight 0 and are flagged, unless `score_unreadable`.
     `score_by_exchange` scores a chat of several exchanges by its exchanges (`NeuralScheduler.score_by_exchanges`),
-    raised by `exchange_margin` logits (None keeps the scheduler's)."""
+    raised by `exchange_margin` * ln(its number of exchanges) logits (None keeps the scheduler's); False reads it as
+    one row."""
     input_path, output_path = Path(input_path), Path(output_path)
     if isinstance(show_lowest, bool) or not isinstance(show_lowest, int) or show_lowest < 0:
         raise DataError(f"show_lowest: expected a whole number of rows >= 0; got {show_lowest!r}")

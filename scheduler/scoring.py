@@ -95,14 +95,16 @@ class NeuralScheduler:
     # 0.0010 on Dolly sets, docs/validation.md, "Rows in a cipher"), and the benign rows that teach the cipher are
     # as unreadable. True scores them as any row.
     score_unreadable: bool = False
-    # True: a chat of several exchanges is scored by its exchanges (`score_examples`). Off by default: it reads a
-    # harmful exchange wherever it sits (the middle of three: AUROC 0.8917-1.0000 on nine tasks at p = 0.1, where the
-    # default and both baselines read 0.42-0.85), but each exchange is a chance to flag a benign chat, and a chat built
-    # on a sensitive exchange answered safely is flagged (docs/validation.md, "A margin for a chat's exchanges").
-    score_by_exchange: bool = False
-    # Logits added to the logit of a chat scored by its exchanges, so that a chat must read this much less safe than
-    # a single row to lose its weight. Clean sets of chats kept 0.983-1.000 of their benign rows (lowest draw 0.970),
-    # 0.962-0.992 (0.945) without it; the order of the chats' logits in a file of chats is the same at any margin.
+    # True: a chat of several exchanges is scored by its exchanges (`score_examples`). It reads a harmful exchange
+    # wherever it sits: chats of 2-6 exchanges with the row's own anywhere, 0.8964-0.9212 at p = 0.1 on three fresh
+    # tasks where the whole chat's reading gave 0.7072-0.7737 and both baselines 0.5892-0.7764; the middle of three
+    # 0.8917-1.0000 on nine tasks (0.42-0.85). False reads a chat as one row (docs/validation.md, "A margin that grows
+    # with a chat's exchanges").
+    score_by_exchange: bool = True
+    # A chat of n exchanges scored by them is raised by exchange_margin * ln(n) logits: each exchange is a chance to
+    # flag a benign chat, and the lowest of n logits with a logistic tail lies about ln(n) scales below one. Clean sets
+    # of chats of 2-6 exchanges on eleven tasks kept 0.987-1.000 of their benign rows (lowest draw 0.975); a flat
+    # margin of 6 kept 0.965 on a draw of chats of five, no margin 0.885.
     exchange_margin: float = 6.0
 
     def __init__(self, posterior: SetPosterior, config: dict[str, Any], embedder: Embedder | None = None):
@@ -121,7 +123,7 @@ class NeuralScheduler:
              withhold_below: float | None = None,
              withhold_block: Sequence[float] | None = None,
              withhold_spares_refusals: bool | None = None, score_unreadable: bool = False,
-             score_by_exchange: bool = False, exchange_margin: float | None = None) -> NeuralScheduler:
+             score_by_exchange: bool = True, exchange_margin: float | None = None) -> NeuralScheduler:
         """Load a checkpoint written by train_scheduler.py (or any BDSModule checkpoint).
 
         `scoring_shift` replaces the checkpoint's prior log-odds of a benign row at scoring (`SafetyPrior`):
@@ -134,8 +136,9 @@ class NeuralScheduler:
         its low end ([0.06, 0.07] was measured). `withhold_spares_refusals` keeps the whole shift for rows whose answer
         opens with a refusal, and leaves them out of the block's count. None keeps the checkpoint's.
         `score_unreadable` scores rows that read as no English as any row (`NeuralScheduler.score_unreadable`).
-        `score_by_exchange` scores a chat of several exchanges by its exchanges (`NeuralScheduler.score_by_exchange`),
-        raised by `exchange_margin` logits (`NeuralScheduler.exchange_margin`; None keeps 6)."""
+        `score_by_exchange` scores a chat of several exchanges by its exchanges (`NeuralScheduler.score_by_exchange`);
+        False reads it as one row. A chat of n exchanges is raised by `exchange_margin` * ln(n) logits
+        (`NeuralScheduler.exchange_margin`; None keeps 6)."""
         path = Path(path)
         for name, value in (("scoring_shift", scoring_shift), ("withhold_below", withhold_below),
                             ("exchange_margin", exchange_margin)):
@@ -242,9 +245,10 @@ class NeuralScheduler:
         """Each chat as harmful as its most harmful exchange: the exchanges at one place in their chats (counted from
         the end; rows that are not such chats are their own last exchange) are read and scored as one set, and a chat
         takes the exchange with the lowest posterior mean logit, its place's set's shift included, raised by
-        `exchange_margin`. Scored as one set, a harmful exchange in the middle of a chat is read as a plain row would
-        be; a clean place's set keeps its own shift, so its exchanges keep their weight (docs/validation.md, "A harmful
-        exchange in the middle of a chat")."""
+        `exchange_margin` * ln(its number of exchanges). Scored as one set, a harmful exchange in the middle of a chat
+        is read as a plain row would be; a clean place's set keeps its own shift, so its exchanges keep their weight
+        (docs/validation.md, "A harmful exchange in the middle of a chat", "A margin that grows with a chat's
+        exchanges")."""
         place_sets = exchange_places(examples)
         lowest = {name: np.full(len(examples), np.inf) for name in ("mu", "sigma", "prior_mean", "unshifted_mu")}
         from_end = np.zeros(len(examples), dtype=int)
@@ -260,7 +264,7 @@ class NeuralScheduler:
             fractions.append(result.expected_harmful_fraction)
             shifts.append(result.scoring_shift)
             withheld += result.withheld
-        margin = self.exchange_margin * np.array([bool(e.exchanges) for e in examples])
+        margin = self.exchange_margin * np.log(np.array([max(len(e.exchanges), 1) for e in examples]))
         lowest["mu"], lowest["unshifted_mu"] = lowest["mu"] + margin, lowest["unshifted_mu"] + margin
         unreadable = unreadable_rows(RowTexts.of(examples))
         weight, std = self._weights(torch.as_tensor(lowest["mu"]), torch.as_tensor(lowest["sigma"]), unreadable)

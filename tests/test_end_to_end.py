@@ -167,9 +167,10 @@ def test_a_request_in_a_chat_system_turn_is_read_with_it(trained, data_dir, tmp_
 
 
 def test_the_summary_counts_chat_requests_past_the_prompt_window(trained, data_dir, tmp_path):
-    """A chat whose earlier exchange fills the prompt embedder's window before its last request is counted and named
-    in the summary; a short earlier exchange, or a single turn, is not. A chat whose middle exchange begins past the
-    window gets a warning: nothing reads it."""
+    """Read as one row (`score_by_exchange=False`), a chat whose earlier exchange fills the prompt embedder's window
+    before its last request is counted and named in the summary; a short earlier exchange, or a single turn, is not.
+    A chat whose middle exchange begins past the window gets a warning: nothing reads it. Scored by its exchanges (the
+    default), every exchange is read, and the summary says so in place of both."""
     from scheduler.apply import apply_scheduler
 
     rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
@@ -184,18 +185,20 @@ def test_the_summary_counts_chat_requests_past_the_prompt_window(trained, data_d
     long_answer = " ".join(["Rivers carry water from the hills down to the sea."] * 40)
     summary = apply_scheduler(trained / "scheduler.ckpt",
                               write_jsonl(tmp_path / "chats.jsonl", rows + [chat(long_answer), chat("They flow.")]),
-                              tmp_path / "chats.out.jsonl", histogram=False)
+                              tmp_path / "chats.out.jsonl", histogram=False, score_by_exchange=False)
     assert summary.requests_past_window == 1 and not summary.read_by_last_exchange
     assert "note: 1 chat rows ask their last request after earlier turns" in str(summary)
     assert "they are a minority" in str(summary)
     assert summary.inner_exchanges_past_window == 0 and "between their first and last" not in str(summary)
     thanks = ("Thanks.", "You are welcome.")
-    three = apply_scheduler(trained / "scheduler.ckpt",
-                            write_jsonl(tmp_path / "three.jsonl", rows + [chat(long_answer, *thanks),
-                                                                          chat("They flow.", *thanks)]),
-                            tmp_path / "three.out.jsonl", histogram=False)
+    three_chats = write_jsonl(tmp_path / "three.jsonl", rows + [chat(long_answer, *thanks), chat("They flow.", *thanks)])
+    three = apply_scheduler(trained / "scheduler.ckpt", three_chats, tmp_path / "three.out.jsonl", histogram=False,
+                            score_by_exchange=False)
     assert three.inner_exchanges_past_window == 1
     assert "warning: 1 chat rows hold an exchange between their first and last" in str(three)
+    by_default = apply_scheduler(trained / "scheduler.ckpt", three_chats, tmp_path / "read.out.jsonl", histogram=False)
+    assert by_default.scored_by_exchange == 2 and "scored by exchange: 2 chats" in str(by_default)
+    assert "between their first and last" not in str(by_default) and "prompt embedder's window" not in str(by_default)
     plain = apply_scheduler(trained / "scheduler.ckpt", data_dir / "demo.jsonl", tmp_path / "plain.out.jsonl",
                             histogram=False)
     assert plain.requests_past_window == 0 and "prompt embedder's window" not in str(plain)
@@ -221,31 +224,38 @@ def test_clean_rows_take_the_joint_text_of_the_upload_they_are_scored_with(train
     assert not any(e.joint_prompt for e in scheduler.read(long, like=upload_short))
 
 
+def chats_of(rows: list[dict], size: int) -> list[dict]:
+    """Consecutive rows written as chats of `size` exchanges each, harmful where one of them is."""
+    return [{"messages": [{"role": role, "content": text} for exchange in group
+                          for role, text in (("user", exchange["prompt"]), ("assistant", exchange["response"]))],
+             "label": "harmful" if any(r["label"] == "harmful" for r in group) else "benign"}
+            for group in zip(*(rows[place::size] for place in range(size)))]
+
+
 def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_dir, tmp_path):
-    """With `score_by_exchange`, the exchanges at one place in their chats are scored as one set, as a plain file of
-    those rows would be, and a chat takes the exchange with the lowest posterior mean logit, raised by
-    `exchange_margin` (the chats' order is the same at any margin). A file without such chats is scored as without
-    the option; apply says how many chats it scored so, in place of the warning."""
+    """By default (`score_by_exchange`) the exchanges at one place in their chats are scored as one set, as a plain
+    file of those rows would be, and a chat of n exchanges takes the exchange with the lowest posterior mean logit,
+    raised by `exchange_margin` * ln(n) (the order of chats of one length is the same at any margin). A file without
+    such chats is scored as with the option off; apply says how many chats it scored so, in place of the warning."""
     from scheduler.apply import apply_scheduler
     from scheduler.scoring import NeuralScheduler
 
     rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
-    chats = [{"messages": [{"role": role, "content": text} for exchange in (a, b, c)
-                           for role, text in (("user", exchange["prompt"]), ("assistant", exchange["response"]))],
-              "label": "harmful" if "harmful" in (a["label"], b["label"], c["label"]) else "benign"}
-             for a, b, c in zip(rows[0::3], rows[1::3], rows[2::3])]
-    by_exchange = NeuralScheduler.load(trained / "scheduler.ckpt", score_by_exchange=True)
-    scored = by_exchange.score(chats)
-    plain = NeuralScheduler.load(trained / "scheduler.ckpt")
-    places = [plain.score([{"prompt": r["prompt"], "response": r["response"]} for r in rows[place::3][:len(chats)]])
-              for place in (2, 1, 0)]  # each place's exchanges as a plain file: the last exchanges first
-    lowest = np.stack([place.mu for place in places]).min(0)
-    np.testing.assert_allclose(scored.mu, lowest + by_exchange.exchange_margin, rtol=1e-5)
-    assert (scored.exchange_from_end == np.stack([place.mu for place in places]).argmin(0)).all()
-    no_margin = NeuralScheduler.load(trained / "scheduler.ckpt", score_by_exchange=True, exchange_margin=0).score(chats)
+    by_exchange = NeuralScheduler.load(trained / "scheduler.ckpt")
+    plain = NeuralScheduler.load(trained / "scheduler.ckpt", score_by_exchange=False)
+    assert by_exchange.score_by_exchange and by_exchange.exchange_margin > 0
+    for size in (3, 2):
+        chats = chats_of(rows, size)
+        scored = by_exchange.score(chats)
+        places = [plain.score([{"prompt": r["prompt"], "response": r["response"]} for r in rows[place::size]
+                               ][:len(chats)]) for place in reversed(range(size))]  # the last exchanges first
+        lowest = np.stack([place.mu for place in places]).min(0)
+        np.testing.assert_allclose(scored.mu, lowest + by_exchange.exchange_margin * np.log(size), rtol=1e-5)
+        assert (scored.exchange_from_end == np.stack([place.mu for place in places]).argmin(0)).all()
+        assert scored.weight.mean() == pytest.approx(1.0)
+    no_margin = NeuralScheduler.load(trained / "scheduler.ckpt", exchange_margin=0).score(chats)
     np.testing.assert_allclose(no_margin.mu, lowest, rtol=1e-5)
-    assert by_exchange.exchange_margin > 0 and (np.argsort(no_margin.mu) == np.argsort(scored.mu)).all()
-    assert scored.weight.mean() == pytest.approx(1.0)
+    assert (np.argsort(no_margin.mu) == np.argsort(scored.mu)).all()
     np.testing.assert_allclose(by_exchange.score(rows).weight, plain.score(rows).weight)
     assert by_exchange.score(rows).exchange_from_end is None
 
@@ -256,10 +266,10 @@ def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_
                             {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "Welcome."}]}
               for r in rows]
     source = write_jsonl(tmp_path / "middle.jsonl", middle)
-    warned = apply_scheduler(trained / "scheduler.ckpt", source, tmp_path / "warned.jsonl", histogram=False)
+    warned = apply_scheduler(trained / "scheduler.ckpt", source, tmp_path / "warned.jsonl", histogram=False,
+                             score_by_exchange=False)
     assert warned.inner_exchanges_past_window == len(rows) and "score_by_exchange=true" in str(warned)
-    read = apply_scheduler(trained / "scheduler.ckpt", source, tmp_path / "read.jsonl", histogram=False,
-                           score_by_exchange=True)
+    read = apply_scheduler(trained / "scheduler.ckpt", source, tmp_path / "read.jsonl", histogram=False)
     assert read.scored_by_exchange == len(rows) and f"scored by exchange: {len(rows)} chats" in str(read)
     written = [json.loads(line) for line in (tmp_path / "read.jsonl").read_text().splitlines()]
     from_end = np.array([row["exchange_from_end"] for row in written])
