@@ -15,12 +15,12 @@ from tqdm import tqdm
 from scheduler.baselines import normalise
 from scheduler.data.io import DataError, Example, iter_rows, to_example, write_rows
 from scheduler.embeddings import RowEmbeddings
+from scheduler.features import SMALL_SET
 from scheduler.metrics import (BENIGN_FLAG_RATE, calibration_rows_needed, caught_when_flagged, conformal_p_values,
                                detection_metrics, flagged_at_rate)
 from scheduler.scoring import NeuralScheduler
 
 
-SMALL_SET = 50  # rows: validation measured sets of 50 to 1,000 rows; the set's own evidence is thin below
 GROUPS_SHOWN = 20
 UNREADABLE_SHOWN = 10  # row numbers listed in the warning about rows that read as no English
 LOOKUP = "alignment look-up (baseline, same rows)"

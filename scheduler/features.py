@@ -18,6 +18,8 @@ import torch
 
 from scheduler.data.io import Example, exchange_examples
 
+SMALL_SET = 50  # rows: validation measured sets of 50 to 1,000 rows; the set's own evidence is thin below
+
 if TYPE_CHECKING:
     from scheduler.embeddings import Embedder
 
@@ -157,18 +159,39 @@ def chats_read_by_last_exchange(examples: Sequence[Example], embedder: Embedder,
     return [replace(e, joint_prompt=e.last_request) if e.last_request else e for e in examples]
 
 
-def exchange_places(examples: Sequence[Example]) -> list[tuple[list[Example], np.ndarray]]:
-    """The rows' exchanges grouped by their place in their chats, counted from the end (a chat's last exchange is at
-    place 0): for each place, its exchanges as rows (each keeping its chat's row) and the index of the chat each came
-    from. A row that is not a chat of several exchanges is its own exchange at place 0. Each exchange is read as a
-    row of one exchange is (`exchange_examples`)."""
-    places: dict[int, tuple[list[Example], list[int]]] = {}
+@dataclass(frozen=True)
+class ExchangeSet:
+    """Exchanges scored as one set: each as a row (keeping its chat's row), the index of the chat it came from, and
+    its place in that chat counted from the end (0 = the last exchange)."""
+
+    rows: list[Example]
+    owners: np.ndarray
+    from_end: np.ndarray
+
+
+def exchange_places(examples: Sequence[Example], smallest: int = SMALL_SET) -> list[ExchangeSet]:
+    """The rows' exchanges grouped by their place in their chats, counted from the end. A row that is not a chat of
+    several exchanges is its own exchange at place 0. Each exchange is read as a row of one exchange is
+    (`exchange_examples`). A place that only a file's few longest chats reach is pooled with the places beyond it until
+    the set holds `smallest` rows, or as many as the file, and a short remainder joins the set before it: a set of a
+    few exchanges is read against itself, and four clean chats of twenty exchanges in a file of two-exchange chats
+    were each flagged when every place was its own set (docs/validation.md, "A margin that grows with a chat's
+    exchanges")."""
+    places: dict[int, list[tuple[Example, int, int]]] = {}
     for i, example in enumerate(examples):
         for place, exchange in enumerate(reversed(exchange_examples(example))):
-            rows, owners = places.setdefault(place, ([], []))
-            rows.append(exchange)
-            owners.append(i)
-    return [(rows, np.asarray(owners)) for _, (rows, owners) in sorted(places.items())]
+            places.setdefault(place, []).append((exchange, i, place))
+    enough = min(smallest, len(examples))
+    groups: list[list[tuple[Example, int, int]]] = []
+    for place in sorted(places):
+        if groups and len(groups[-1]) < enough:
+            groups[-1].extend(places[place])
+        else:
+            groups.append(list(places[place]))
+    if len(groups) > 1 and len(groups[-1]) < enough:
+        groups[-2].extend(groups.pop())
+    return [ExchangeSet([row for row, _, _ in group], np.array([i for _, i, _ in group]),
+                        np.array([place for _, _, place in group])) for group in groups]
 
 
 def relation_features(prompts: torch.Tensor, responses: torch.Tensor, bank: AlignmentBank, k: int,

@@ -96,14 +96,14 @@ class NeuralScheduler:
     # as unreadable. True scores them as any row.
     score_unreadable: bool = False
     # True: a chat of several exchanges is scored by its exchanges (`score_examples`). It reads a harmful exchange
-    # wherever it sits: chats of 2-6 exchanges with the row's own anywhere, 0.8964-0.9212 at p = 0.1 on three fresh
+    # wherever it sits: chats of 2-6 exchanges with the row's own anywhere, 0.8984-0.9183 at p = 0.1 on three fresh
     # tasks where the whole chat's reading gave 0.7072-0.7737 and both baselines 0.5892-0.7764; the middle of three
-    # 0.8917-1.0000 on nine tasks (0.42-0.85). False reads a chat as one row (docs/validation.md, "A margin that grows
-    # with a chat's exchanges").
+    # 0.8917-1.0000 on nine tasks (read as one row 0.42-0.82, both baselines 0.43-0.85). False reads a chat as one row
+    # (docs/validation.md, "A margin that grows with a chat's exchanges").
     score_by_exchange: bool = True
     # A chat of n exchanges scored by them is raised by exchange_margin * ln(n) logits: each exchange is a chance to
     # flag a benign chat, and the lowest of n logits with a logistic tail lies about ln(n) scales below one. Clean sets
-    # of chats of 2-6 exchanges on eleven tasks kept 0.987-1.000 of their benign rows (lowest draw 0.975); a flat
+    # of chats of 2-20 exchanges on eleven tasks kept 0.986-1.000 of their benign rows (lowest draw 0.975); a flat
     # margin of 6 kept 0.965 on a draw of chats of five, no margin 0.885.
     exchange_margin: float = 6.0
 
@@ -243,24 +243,24 @@ class NeuralScheduler:
 
     def score_by_exchanges(self, examples: Sequence[Example]) -> ScoreResult:
         """Each chat as harmful as its most harmful exchange: the exchanges at one place in their chats (counted from
-        the end; rows that are not such chats are their own last exchange) are read and scored as one set, and a chat
-        takes the exchange with the lowest posterior mean logit, its place's set's shift included, raised by
-        `exchange_margin` * ln(its number of exchanges). Scored as one set, a harmful exchange in the middle of a chat
-        is read as a plain row would be; a clean place's set keeps its own shift, so its exchanges keep their weight
-        (docs/validation.md, "A harmful exchange in the middle of a chat", "A margin that grows with a chat's
-        exchanges")."""
-        place_sets = exchange_places(examples)
+        the end; rows that are not such chats are their own last exchange; places few chats reach pooled,
+        `exchange_places`) are read and scored as one set, and a chat takes the exchange with the lowest posterior
+        mean logit, its set's shift included, raised by `exchange_margin` * ln(its number of exchanges). Scored as one
+        set, a harmful exchange in the middle of a chat is read as a plain row would be; a clean place's set keeps its
+        own shift, so its exchanges keep their weight (docs/validation.md, "A harmful exchange in the middle of a
+        chat", "A margin that grows with a chat's exchanges")."""
         lowest = {name: np.full(len(examples), np.inf) for name in ("mu", "sigma", "prior_mean", "unshifted_mu")}
         from_end = np.zeros(len(examples), dtype=int)
         fractions, shifts, withheld = [], [], 0
-        for place, (rows, owners) in enumerate(place_sets):
-            read = self.read(rows)
+        for exchanges in exchange_places(examples):
+            read = self.read(exchanges.rows)
             result = self.score_embeddings(*self.embed(read), texts=RowTexts.of(read))
-            lower = result.mu < lowest["mu"][owners]
+            pick = lowest_per_owner(exchanges.owners, result.mu)
+            owners = exchanges.owners[pick]
+            lower = result.mu[pick] < lowest["mu"][owners]
             for name in lowest:
-                values = lowest[name][owners]
-                lowest[name][owners] = np.where(lower, getattr(result, name), values)
-            from_end[owners] = np.where(lower, place, from_end[owners])
+                lowest[name][owners] = np.where(lower, getattr(result, name)[pick], lowest[name][owners])
+            from_end[owners] = np.where(lower, exchanges.from_end[pick], from_end[owners])
             fractions.append(result.expected_harmful_fraction)
             shifts.append(result.scoring_shift)
             withheld += result.withheld
@@ -303,6 +303,12 @@ class NeuralScheduler:
                                  for rows, clean_rows in zip(embeddings, clean_embeddings, strict=True)))
         mu = self.score_examples([*examples, *clean], pooled).unshifted_mu
         return conformal_p_values(mu[len(examples):], mu[:len(examples)])
+
+
+def lowest_per_owner(owners: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """The index of each owner's lowest `mu`, one per owner: a set of pooled places can hold two exchanges of a chat."""
+    order = np.lexsort((mu, owners))
+    return order[np.r_[True, owners[order][1:] != owners[order][:-1]]]
 
 
 def unreadable_rows(texts: RowTexts) -> np.ndarray:

@@ -235,10 +235,13 @@ def chats_of(rows: list[dict], size: int) -> list[dict]:
 def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_dir, tmp_path):
     """By default (`score_by_exchange`) the exchanges at one place in their chats are scored as one set, as a plain
     file of those rows would be, and a chat of n exchanges takes the exchange with the lowest posterior mean logit,
-    raised by `exchange_margin` * ln(n) (the order of chats of one length is the same at any margin). A file without
-    such chats is scored as with the option off; apply says how many chats it scored so, in place of the warning."""
+    raised by `exchange_margin` * ln(n) (the order of chats of one length is the same at any margin). The places only
+    a long chat reaches are scored with the place before them, and the chat still takes its lowest exchange. A file
+    without such chats is scored as with the option off; apply says how many chats it scored so, in place of the
+    warning."""
     from scheduler.apply import apply_scheduler
-    from scheduler.scoring import NeuralScheduler
+    from scheduler.features import exchange_places
+    from scheduler.scoring import NeuralScheduler, as_examples
 
     rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
     by_exchange = NeuralScheduler.load(trained / "scheduler.ckpt")
@@ -256,6 +259,16 @@ def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_
     no_margin = NeuralScheduler.load(trained / "scheduler.ckpt", exchange_margin=0).score(chats)
     np.testing.assert_allclose(no_margin.mu, lowest, rtol=1e-5)
     assert (np.argsort(no_margin.mu) == np.argsort(scored.mu)).all()
+
+    mixed = by_exchange.read(as_examples(chats_of(rows[:16], 2) + chats_of(rows[16:], 4)))
+    sets = exchange_places(mixed)  # the chat of four's places 2 and 3 join place 1's set
+    assert [len(s.rows) for s in sets] == [9, 11] and sets[1].owners.tolist().count(8) == 3
+    lowest = np.full(len(mixed), np.inf)
+    for exchange_set in sets:
+        for owner, mu in zip(exchange_set.owners, plain.score(exchange_set.rows).mu, strict=True):
+            lowest[owner] = min(lowest[owner], mu)
+    np.testing.assert_allclose(by_exchange.score(mixed).mu, lowest + by_exchange.exchange_margin * np.log(
+        [2] * 8 + [4]), rtol=1e-5)
     np.testing.assert_allclose(by_exchange.score(rows).weight, plain.score(rows).weight)
     assert by_exchange.score(rows).exchange_from_end is None
 

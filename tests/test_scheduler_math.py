@@ -586,19 +586,27 @@ def test_lexical_contrast_counts_against_the_logit_after_the_shift_is_set():
 
 def test_exchange_places_group_each_chat_exchange_by_its_place_from_the_end():
     """A chat's last exchange is at place 0, the one before it at place 1, ...; a row that is not a chat of several
-    exchanges is its own exchange at place 0; each exchange keeps its chat's row and knows which chat it came from."""
+    exchanges is its own exchange at place 0; each exchange keeps its chat's row and knows which chat it came from.
+    A place that holds fewer rows than `smallest` (or the file) is pooled with the places beyond it, and a short
+    remainder joins the set before it, so no set is a handful of a few long chats' exchanges."""
     from scheduler.data.io import examples_from_rows
     from scheduler.features import exchange_places
 
     turns = lambda *texts: {"messages": [{"role": role, "content": text}
-                                         for role, text in zip(["user", "assistant"] * 3, texts)], "id": len(texts)}
+                                         for role, text in zip(["user", "assistant"] * 4, texts)], "id": len(texts)}
     rows = examples_from_rows([turns("a1", "b1", "a2", "b2", "a3", "b3"), {"prompt": "p", "response": "r"},
                                turns("c1", "d1", "c2", "d2")])
-    places = exchange_places(rows)
-    assert [[(e.prompt, e.response) for e in exchanges] for exchanges, _ in places] == [
+    places = exchange_places(rows, smallest=1)
+    assert [[(e.prompt, e.response) for e in place.rows] for place in places] == [
         [("a3", "b3"), ("p", "r"), ("c2", "d2")], [("a2", "b2"), ("c1", "d1")], [("a1", "b1")]]
-    assert [owners.tolist() for _, owners in places] == [[0, 1, 2], [0, 2], [0]]
-    assert places[1][0][1].row["id"] == 4
+    assert [place.owners.tolist() for place in places] == [[0, 1, 2], [0, 2], [0]]
+    assert [place.from_end.tolist() for place in places] == [[0, 0, 0], [1, 1], [2]]
+    assert places[1].rows[1].row["id"] == 4
+    pooled = exchange_places(rows)  # the file's 3 rows: place 1 (2 rows) takes place 2
+    assert [place.owners.tolist() for place in pooled] == [[0, 1, 2], [0, 2, 0]]
+    assert [place.from_end.tolist() for place in pooled] == [[0, 0, 0], [1, 1, 2]]
+    long = examples_from_rows([turns("x1", "y1", "x2", "y2")] * 4 + [turns(*(f"z{i}" for i in range(8)))])
+    assert [place.from_end.tolist() for place in exchange_places(long, smallest=4)] == [[0] * 5, [1] * 5 + [2, 3]]
 
 
 def test_a_chats_exchanges_are_read_as_rows_of_one_exchange_are():
