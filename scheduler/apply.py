@@ -292,7 +292,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                     show_lowest: int = 5, calibrate_on: str | Path | Sequence[str | Path] | None = None,
                     flag_rate: float = BENIGN_FLAG_RATE, flag_below: float | None = None,
                     score_unreadable: bool = False, score_by_exchange: bool = True,
-                    exchange_margin: float | None = None) -> ApplySummary:
+                    exchange_margin: float | None = None, exchange_margin_cap: int | None = None) -> ApplySummary:
     """Read, embed, score and write atomically; the input file is never modified.
 
     `scoring_shift`, `scoring_shift_taper`, `withhold_below`, `withhold_block`, `withhold_spares_refusals` and
@@ -308,8 +308,8 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     `flag_below` flags the rows whose `unshifted_mu` lies below a cut of the user's own.
     Rows that read as no English get weight 0 and are flagged, unless `score_unreadable`.
     `score_by_exchange` scores a chat of several exchanges by its exchanges (`NeuralScheduler.score_by_exchanges`),
-    raised by `exchange_margin` * ln(its number of exchanges) logits (None keeps the scheduler's); False reads it as
-    one row."""
+    raised by `exchange_margin` * ln(its number of exchanges, counted up to `exchange_margin_cap`) logits (None keeps
+    the scheduler's); False reads it as one row."""
     input_path, output_path = Path(input_path), Path(output_path)
     if isinstance(show_lowest, bool) or not isinstance(show_lowest, int) or show_lowest < 0:
         raise DataError(f"show_lowest: expected a whole number of rows >= 0; got {show_lowest!r}")
@@ -324,7 +324,7 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                                      withhold_below=withhold_below, withhold_block=withhold_block,
                                      withhold_spares_refusals=withhold_spares_refusals,
                                      score_unreadable=score_unreadable, score_by_exchange=score_by_exchange,
-                                     exchange_margin=exchange_margin)
+                                     exchange_margin=exchange_margin, exchange_margin_cap=exchange_margin_cap)
     read = scheduler.read(examples)
     read_apart = sum(r.prompt != e.prompt for r, e in zip(read, examples))
     past_window = sum(scheduler.embedder.requests_past_window(read))  # as `chats_read_by_last_exchange` counted them

@@ -30,7 +30,8 @@ from scheduler.transforms import posterior_weights
 CHECKPOINT_KEY = "scheduler"
 # What `NeuralScheduler.load` lets a caller change about how a checkpoint scores: its operating point.
 OPERATING_POINT_OPTIONS = ("scoring_shift", "scoring_shift_taper", "withhold_below", "withhold_block",
-                           "withhold_spares_refusals", "score_unreadable", "score_by_exchange", "exchange_margin")
+                           "withhold_spares_refusals", "score_unreadable", "score_by_exchange", "exchange_margin",
+                           "exchange_margin_cap")
 
 
 @dataclass
@@ -107,6 +108,9 @@ class NeuralScheduler:
     # margin of 6 kept 0.965 on a draw of chats of five, no margin 0.885. The margin is also cover: harmful exchanges
     # padded into chats of 20 were read near chance (0.55-0.60 at p = 0.1).
     exchange_margin: float = 6.0
+    # None: the margin grows with every exchange. A whole number: a chat of more exchanges gets the margin of a chat
+    # of that many, so padding a harmful exchange with benign ones buys no more cover past it.
+    exchange_margin_cap: int | None = None
 
     def __init__(self, posterior: SetPosterior, config: dict[str, Any], embedder: Embedder | None = None):
         self.posterior = posterior.eval()
@@ -124,7 +128,8 @@ class NeuralScheduler:
              withhold_below: float | None = None,
              withhold_block: Sequence[float] | None = None,
              withhold_spares_refusals: bool | None = None, score_unreadable: bool = False,
-             score_by_exchange: bool = True, exchange_margin: float | None = None) -> NeuralScheduler:
+             score_by_exchange: bool = True, exchange_margin: float | None = None,
+             exchange_margin_cap: int | None = None) -> NeuralScheduler:
         """Load a checkpoint written by train_scheduler.py (or any BDSModule checkpoint).
 
         `scoring_shift` replaces the checkpoint's prior log-odds of a benign row at scoring (`SafetyPrior`):
@@ -139,12 +144,17 @@ class NeuralScheduler:
         `score_unreadable` scores rows that read as no English as any row (`NeuralScheduler.score_unreadable`).
         `score_by_exchange` scores a chat of several exchanges by its exchanges (`NeuralScheduler.score_by_exchange`);
         False reads it as one row. A chat of n exchanges is raised by `exchange_margin` * ln(n) logits
-        (`NeuralScheduler.exchange_margin`; None keeps 6)."""
+        (`NeuralScheduler.exchange_margin`; None keeps 6); past `exchange_margin_cap` exchanges it stops growing
+        (None keeps the scheduler's)."""
         path = Path(path)
         for name, value in (("scoring_shift", scoring_shift), ("withhold_below", withhold_below),
                             ("exchange_margin", exchange_margin)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise DataError(f"{name}: expected a number (a logit, e.g. 0 or -6); got {value!r}")
+        if exchange_margin_cap is not None and (isinstance(exchange_margin_cap, bool)
+                                                or not isinstance(exchange_margin_cap, int) or exchange_margin_cap < 1):
+            raise DataError(f"exchange_margin_cap: expected a whole number of exchanges >= 1 (e.g. 6) or null; "
+                            f"got {exchange_margin_cap!r}")
         taper = None if scoring_shift_taper is None else checked_taper(scoring_shift_taper)
         block = None if withhold_block is None else checked_taper(withhold_block, "withhold_block")
         for name, value in (("withhold_spares_refusals", withhold_spares_refusals),
@@ -186,6 +196,8 @@ class NeuralScheduler:
         scheduler.score_by_exchange = bool(score_by_exchange)
         if exchange_margin is not None:
             scheduler.exchange_margin = float(exchange_margin)
+        if exchange_margin_cap is not None:
+            scheduler.exchange_margin_cap = exchange_margin_cap
         return scheduler
 
     @property
@@ -246,7 +258,8 @@ class NeuralScheduler:
         """Each chat as harmful as its most harmful exchange: the exchanges at one place in their chats (counted from
         the end; rows that are not such chats are their own last exchange; places few chats reach pooled,
         `exchange_places`) are read and scored as one set, and a chat takes the exchange with the lowest posterior
-        mean logit, its set's shift included, raised by `exchange_margin` * ln(its number of exchanges). Scored as one
+        mean logit, its set's shift included, raised by `exchange_margin` * ln(its number of exchanges, counted up to
+        `exchange_margin_cap`). Scored as one
         set, a harmful exchange in the middle of a chat is read as a plain row would be; a clean place's set keeps its
         own shift, so its exchanges keep their weight (docs/validation.md, "A harmful exchange in the middle of a
         chat", "A margin that grows with a chat's exchanges")."""
@@ -265,7 +278,8 @@ class NeuralScheduler:
             fractions.append(result.expected_harmful_fraction)
             shifts.append(result.scoring_shift)
             withheld += result.withheld
-        margin = self.exchange_margin * np.log(np.array([max(len(e.exchanges), 1) for e in examples]))
+        counted = np.array([max(len(e.exchanges), 1) for e in examples])
+        margin = self.exchange_margin * np.log(np.minimum(counted, self.exchange_margin_cap or counted.max()))
         lowest["mu"], lowest["unshifted_mu"] = lowest["mu"] + margin, lowest["unshifted_mu"] + margin
         unreadable = unreadable_rows(RowTexts.of(examples))
         weight, std = self._weights(torch.as_tensor(lowest["mu"]), torch.as_tensor(lowest["sigma"]), unreadable)

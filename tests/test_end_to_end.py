@@ -235,7 +235,8 @@ def chats_of(rows: list[dict], size: int) -> list[dict]:
 def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_dir, tmp_path):
     """By default (`score_by_exchange`) the exchanges at one place in their chats are scored as one set, as a plain
     file of those rows would be, and a chat of n exchanges takes the exchange with the lowest posterior mean logit,
-    raised by `exchange_margin` * ln(n) (the order of chats of one length is the same at any margin). The places only
+    raised by `exchange_margin` * ln(n), n counted up to `exchange_margin_cap` (the order of chats of one length is the
+    same at any margin). The places only
     a long chat reaches are scored with the place before them, and the chat still takes its lowest exchange. A file
     without such chats is scored as with the option off; apply says how many chats it scored so, in place of the
     warning."""
@@ -269,6 +270,8 @@ def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_
             lowest[owner] = min(lowest[owner], mu)
     np.testing.assert_allclose(by_exchange.score(mixed).mu, lowest + by_exchange.exchange_margin * np.log(
         [2] * 8 + [4]), rtol=1e-5)
+    capped = NeuralScheduler.load(trained / "scheduler.ckpt", exchange_margin_cap=2).score(mixed)
+    np.testing.assert_allclose(capped.mu, lowest + by_exchange.exchange_margin * np.log(2), rtol=1e-5)
     np.testing.assert_allclose(by_exchange.score(rows).weight, plain.score(rows).weight)
     assert by_exchange.score(rows).exchange_from_end is None
 
