@@ -106,11 +106,14 @@ class NeuralScheduler:
     # flag a benign chat, and the lowest of n logits with a logistic tail lies about ln(n) scales below one. Clean sets
     # of chats of 2-20 exchanges on eleven tasks kept 0.981-1.000 of their benign rows (lowest draw 0.960); a flat
     # margin of 6 kept 0.965 on a draw of chats of five, no margin 0.885. The margin is also cover: harmful exchanges
-    # padded into chats of 20 were read near chance (0.55-0.60 at p = 0.1).
+    # padded into chats of 20 were read near chance (0.55-0.60 at p = 0.1) before the cap below.
     exchange_margin: float = 6.0
-    # None: the margin grows with every exchange. A whole number: a chat of more exchanges gets the margin of a chat
-    # of that many, so padding a harmful exchange with benign ones buys no more cover past it.
-    exchange_margin_cap: int | None = None
+    # The margin stops growing past this many exchanges (None: it grows with every one), so padding a harmful exchange
+    # with benign ones buys no more cover than a chat of six has. Harmful chats padded to 8-20 exchanges among benign
+    # chats of 2-20 read 0.8138-0.8831 at p = 0.1 on three fresh tasks, 0.6127-0.7322 uncapped; on chats of natural
+    # lengths it moved AUROC by -0.0043 to +0.0019 and one clean draw from 0.980 to 0.970 (docs/validation.md,
+    # "Padding: the margin capped at six exchanges").
+    exchange_margin_cap: int | None = 6
 
     def __init__(self, posterior: SetPosterior, config: dict[str, Any], embedder: Embedder | None = None):
         self.posterior = posterior.eval()
@@ -145,7 +148,7 @@ class NeuralScheduler:
         `score_by_exchange` scores a chat of several exchanges by its exchanges (`NeuralScheduler.score_by_exchange`);
         False reads it as one row. A chat of n exchanges is raised by `exchange_margin` * ln(n) logits
         (`NeuralScheduler.exchange_margin`; None keeps 6); past `exchange_margin_cap` exchanges it stops growing
-        (None keeps the scheduler's)."""
+        (None keeps 6; a large number lets it grow with every exchange)."""
         path = Path(path)
         for name, value in (("scoring_shift", scoring_shift), ("withhold_below", withhold_below),
                             ("exchange_margin", exchange_margin)):
