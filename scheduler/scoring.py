@@ -104,7 +104,7 @@ class NeuralScheduler:
     score_by_exchange: bool = True
     # A chat of n exchanges scored by them is raised by exchange_margin * ln(n) logits: each exchange is a chance to
     # flag a benign chat, and the lowest of n logits with a logistic tail lies about ln(n) scales below one. Clean sets
-    # of chats of 2-20 exchanges on eleven tasks kept 0.981-1.000 of their benign rows (lowest draw 0.960); a flat
+    # of chats of 2-20 exchanges on eleven tasks kept 0.980-1.000 of their benign rows (lowest draw 0.955); a flat
     # margin of 6 kept 0.965 on a draw of chats of five, no margin 0.885. The margin is also cover: harmful exchanges
     # padded into chats of 20 were read near chance (0.55-0.60 at p = 0.1) before the cap below.
     exchange_margin: float = 6.0
