@@ -100,6 +100,8 @@ class ApplySummary:
     inner_exchanges_past_window: int = 0  # chat rows with an exchange between first and last that nothing reads
     scored_by_exchange: int = 0  # chats of several exchanges scored by their exchanges (`score_by_exchange`)
     lowered_by_earlier_exchange: int = 0  # of the rows below 0.5, those whose weight came from an exchange before the last
+    margin_cap: int | None = None  # the exchanges past which a chat's margin stops growing (`exchange_margin_cap`)
+    past_margin_cap: int = 0  # chats scored by their exchanges that hold more exchanges than `margin_cap`
 
     @property
     def rows(self) -> int:
@@ -157,6 +159,11 @@ class ApplySummary:
                      "most harmful exchange (score_by_exchange; docs/validation.md, \"A margin that grows with a chat's "
                      f"exchanges\"); {self.lowered_by_earlier_exchange} of the rows below 0.5 took their weight from "
                      "an exchange before the last (column exchange_from_end counts from a chat's end)\n")
+            if self.past_margin_cap:
+                text += (f"long chats: {self.past_margin_cap} hold more than {self.margin_cap} exchanges, where the "
+                         "margin stops growing; a harmful exchange padded into such a chat is read less well than in "
+                         "a short one (docs/validation.md, \"Padding: the margin capped at six exchanges\"), so "
+                         "review them\n")
         elif self.inner_exchanges_past_window:
             text += (f"warning: {self.inner_exchanges_past_window} chat rows hold an exchange between their first and "
                      "last that begins past the prompt embedder's window: no reading reaches it, and a harmful exchange "
@@ -362,7 +369,15 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                         (np.flatnonzero(unreadable) + 1).tolist(), score_unreadable, read_apart, past_window,
                         any(e.joint_prompt for e in examples), inner_past_window,
                         sum(bool(e.exchanges) for e in examples) if score_by_exchange else 0,
-                        int(((weights < 0.5) & (columns.get("exchange_from_end", 0) > 0)).sum()))
+                        int(((weights < 0.5) & (columns.get("exchange_from_end", 0) > 0)).sum()),
+                        scheduler.exchange_margin_cap, chats_past_margin_cap(scheduler, examples))
+
+
+def chats_past_margin_cap(scheduler: NeuralScheduler, examples: Sequence[Example]) -> int:
+    """Chats the scheduler scores by their exchanges that hold more exchanges than its margin counts."""
+    if not scheduler.score_by_exchange or scheduler.exchange_margin_cap is None:
+        return 0
+    return sum(len(e.exchanges) > scheduler.exchange_margin_cap for e in examples)
 
 
 def checked_cut_options(calibrate_on: str | Path | Sequence[str | Path] | None, flag_rate: float,

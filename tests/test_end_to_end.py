@@ -295,6 +295,10 @@ def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_
     assert f"{read.lowered_by_earlier_exchange} of the rows below 0.5 took their weight" in str(read)
     assert "exchange_from_end" not in json.loads((tmp_path / "warned.jsonl").read_text().splitlines()[0])
     assert "between their first and last" not in str(read) and "prompt embedder's window" not in str(read)
+    assert read.past_margin_cap == 0 and "long chats" not in str(read)  # chats of three, under the cap of six
+    capped = apply_scheduler(trained / "scheduler.ckpt", source, tmp_path / "capped.jsonl", histogram=False,
+                             exchange_margin_cap=2)
+    assert capped.past_margin_cap == len(rows) and f"long chats: {len(rows)} hold more than 2 exchanges" in str(capped)
 
 
 def test_label_check_puts_the_alignment_lookup_beside_the_scheduler(trained, data_dir, tmp_path):
