@@ -162,7 +162,7 @@ class ApplySummary:
             if self.past_margin_cap:
                 text += (f"long chats: {self.past_margin_cap} hold more than {self.margin_cap} exchanges, where the "
                          "margin stops growing; a harmful exchange padded into such a chat is read less well than in "
-                         "a short one (docs/validation.md, \"Padding: the margin capped at six exchanges\"), so "
+                         "a short one (docs/validation.md, \"Padding: a margin that stops growing\"), so "
                          "review them\n")
         elif self.inner_exchanges_past_window:
             text += (f"warning: {self.inner_exchanges_past_window} chat rows hold an exchange between their first and "

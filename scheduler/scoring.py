@@ -109,11 +109,11 @@ class NeuralScheduler:
     # padded into chats of 20 were read near chance (0.55-0.60 at p = 0.1) before the cap below.
     exchange_margin: float = 6.0
     # The margin stops growing past this many exchanges (None: it grows with every one), so padding a harmful exchange
-    # with benign ones buys no more cover than a chat of six has. Harmful chats padded to 8-20 exchanges among benign
-    # chats of 2-20 read 0.8138-0.8831 at p = 0.1 on three fresh tasks, 0.6127-0.7322 uncapped; on chats of natural
-    # lengths it moved AUROC by -0.0043 to +0.0019 and one clean draw from 0.980 to 0.970 (docs/validation.md,
-    # "Padding: the margin capped at six exchanges").
-    exchange_margin_cap: int | None = 6
+    # with benign ones buys no more cover than a chat of five has. Harmful chats padded to 8-20 exchanges read
+    # 0.8432 / 0.9023 at p = 0.1 on a fresh round (cap 6: 0.8186 / 0.8822; uncapped 0.61-0.73 on another), chats of
+    # natural lengths within 0.0032 of cap 6, clean sets within 0.005. Cap 4 cost clean chats of five
+    # (docs/validation.md, "Padding: a margin that stops growing").
+    exchange_margin_cap: int | None = 5
 
     def __init__(self, posterior: SetPosterior, config: dict[str, Any], embedder: Embedder | None = None):
         self.posterior = posterior.eval()
@@ -148,7 +148,7 @@ class NeuralScheduler:
         `score_by_exchange` scores a chat of several exchanges by its exchanges (`NeuralScheduler.score_by_exchange`);
         False reads it as one row. A chat of n exchanges is raised by `exchange_margin` * ln(n) logits
         (`NeuralScheduler.exchange_margin`; None keeps 6); past `exchange_margin_cap` exchanges it stops growing
-        (None keeps 6; a large number lets it grow with every exchange)."""
+        (None keeps 5; a large number lets it grow with every exchange)."""
         path = Path(path)
         for name, value in (("scoring_shift", scoring_shift), ("withhold_below", withhold_below),
                             ("exchange_margin", exchange_margin)):
