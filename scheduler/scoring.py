@@ -261,11 +261,10 @@ class NeuralScheduler:
         """Each chat as harmful as its most harmful exchange: the exchanges at one place in their chats (counted from
         the end; rows that are not such chats are their own last exchange; places few chats reach pooled,
         `exchange_places`) are read and scored as one set, and a chat takes the exchange with the lowest posterior
-        mean logit, its set's shift included, raised by `exchange_margin` * ln(its number of exchanges, counted up to
-        `exchange_margin_cap`). Scored as one
-        set, a harmful exchange in the middle of a chat is read as a plain row would be; a clean place's set keeps its
-        own shift, so its exchanges keep their weight (docs/validation.md, "A harmful exchange in the middle of a
-        chat", "A margin that grows with a chat's exchanges")."""
+        mean logit, its set's shift included, raised by `exchange_margin` * ln(`margin_exchanges`). Scored as one set,
+        a harmful exchange in the middle of a chat is read as a plain row would be; a clean place's set keeps its own
+        shift, so its exchanges keep their weight (docs/validation.md, "A harmful exchange in the middle of a chat",
+        "A margin that grows with a chat's exchanges")."""
         lowest = {name: np.full(len(examples), np.inf) for name in ("mu", "sigma", "prior_mean", "unshifted_mu")}
         from_end = np.zeros(len(examples), dtype=int)
         fractions, shifts, withheld = [], [], 0
@@ -281,14 +280,19 @@ class NeuralScheduler:
             fractions.append(result.expected_harmful_fraction)
             shifts.append(result.scoring_shift)
             withheld += result.withheld
-        counted = np.array([max(len(e.exchanges), 1) for e in examples])
-        margin = self.exchange_margin * np.log(np.minimum(counted, self.exchange_margin_cap or counted.max()))
+        margin = self.exchange_margin * np.log(self.margin_exchanges(examples))
         lowest["mu"], lowest["unshifted_mu"] = lowest["mu"] + margin, lowest["unshifted_mu"] + margin
         unreadable = unreadable_rows(RowTexts.of(examples))
         weight, std = self._weights(torch.as_tensor(lowest["mu"]), torch.as_tensor(lowest["sigma"]), unreadable)
         most = int(np.argmax(fractions))  # the set's summary is its most harmful place's: fraction and shift
         return ScoreResult(weight, std, lowest["mu"], lowest["sigma"], lowest["prior_mean"], fractions[most],
                            shifts[most], withheld, lowest["unshifted_mu"], unreadable, from_end)
+
+    def margin_exchanges(self, examples: Sequence[Example]) -> np.ndarray:
+        """How many of each row's exchanges its margin counts: all of them (a plain row is one), up to
+        `exchange_margin_cap`."""
+        counted = np.array([max(len(e.exchanges), 1) for e in examples])
+        return counted if self.exchange_margin_cap is None else np.minimum(counted, self.exchange_margin_cap)
 
     @torch.no_grad()
     def lookup_probability(self, prompts: torch.Tensor) -> np.ndarray:
