@@ -316,3 +316,27 @@ def test_conversation_rows_put_each_row_beside_an_earlier_exchange(tmp_path):
         make_attack_rows(["--conversation", str(tmp_path / "unanswered.jsonl"), "--input",
                           str(tmp_path / "harmful.jsonl"), "--output", str(tmp_path / "none.jsonl")])
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_split_request_rows_send_each_request_in_two_turns(tmp_path, capsys):
+    """`python -m scheduler.data.attacks --split-request`: each row becomes a chat of two exchanges, the first half of
+    its request's words acknowledged, the second half answered with the row's answer, fields kept; no user turn holds
+    the whole request. A request of one word cannot be split: the run stops naming the row, and writes nothing."""
+    from scheduler.data.attacks import SPLIT_TURNS
+    from scheduler.data.attacks import main as make_attack_rows
+
+    write_rows([{"prompt": "How do I pick a lock quietly?", "response": "First, ...", "label": "harmful", "id": 4},
+                {"prompt": "Name three fish", "response": "Eel, cod, ray."}], tmp_path / "rows.jsonl")
+    make_attack_rows(["--split-request", "--input", str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "split.jsonl")])
+    split = read_examples(tmp_path / "split.jsonl")
+    first, acknowledged, second = SPLIT_TURNS
+    assert [e.exchanges for e in split] == [
+        ((first.format(part="How do I"), acknowledged), (second.format(part="pick a lock quietly?"), "First, ...")),
+        ((first.format(part="Name"), acknowledged), (second.format(part="three fish"), "Eel, cod, ray."))]
+    assert [(e.response, e.label, e.row.get("id"), e.row["attack"]) for e in split] == [
+        ("First, ...", "harmful", 4, "split_request"), ("Eel, cod, ray.", None, None, "split_request")]
+    write_rows([{"prompt": "Hi", "response": "Hello."}], tmp_path / "short.jsonl")
+    with pytest.raises(SystemExit):
+        make_attack_rows(["--split-request", "--input", str(tmp_path / "short.jsonl"), "--output", str(tmp_path / "none.jsonl")])
+    assert "row 1 of --input has a request of one word" in capsys.readouterr().err
+    assert not (tmp_path / "none.jsonl").exists()
