@@ -17,7 +17,8 @@ def main(cfg: DictConfig) -> None:
                                   show_lowest=cfg.show_lowest, calibrate_on=cfg.calibrate_on,
                                   flag_rate=cfg.flag_rate, flag_below=cfg.flag_below,
                                   score_unreadable=cfg.score_unreadable, score_by_exchange=cfg.score_by_exchange,
-                                  exchange_margin=cfg.exchange_margin, exchange_margin_cap=cfg.exchange_margin_cap)
+                                  exchange_margin=cfg.exchange_margin, exchange_margin_cap=cfg.exchange_margin_cap,
+                                  short_answer_words=cfg.short_answer_words)
     print(summary)
 
 

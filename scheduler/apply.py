@@ -299,7 +299,8 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                     show_lowest: int = 5, calibrate_on: str | Path | Sequence[str | Path] | None = None,
                     flag_rate: float = BENIGN_FLAG_RATE, flag_below: float | None = None,
                     score_unreadable: bool = False, score_by_exchange: bool = True,
-                    exchange_margin: float | None = None, exchange_margin_cap: int | None = None) -> ApplySummary:
+                    exchange_margin: float | None = None, exchange_margin_cap: int | None = None,
+                    short_answer_words: int | None = None) -> ApplySummary:
     """Read, embed, score and write atomically; the input file is never modified.
 
     `scoring_shift`, `scoring_shift_taper`, `withhold_below`, `withhold_block`, `withhold_spares_refusals` and
@@ -316,7 +317,8 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
     Rows that read as no English get weight 0 and are flagged, unless `score_unreadable`.
     `score_by_exchange` scores a chat of several exchanges by its exchanges (`NeuralScheduler.score_by_exchanges`),
     raised by `exchange_margin` * ln(its number of exchanges, counted up to `exchange_margin_cap`) logits (None keeps
-    the scheduler's); False reads it as one row."""
+    the scheduler's); an exchange answered in at most `short_answer_words` words is read with the next one. False
+    reads a chat as one row."""
     input_path, output_path = Path(input_path), Path(output_path)
     if isinstance(show_lowest, bool) or not isinstance(show_lowest, int) or show_lowest < 0:
         raise DataError(f"show_lowest: expected a whole number of rows >= 0; got {show_lowest!r}")
@@ -331,7 +333,8 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
                                      withhold_below=withhold_below, withhold_block=withhold_block,
                                      withhold_spares_refusals=withhold_spares_refusals,
                                      score_unreadable=score_unreadable, score_by_exchange=score_by_exchange,
-                                     exchange_margin=exchange_margin, exchange_margin_cap=exchange_margin_cap)
+                                     exchange_margin=exchange_margin, exchange_margin_cap=exchange_margin_cap,
+                                     short_answer_words=short_answer_words)
     read = scheduler.read(examples)
     read_apart = sum(r.prompt != e.prompt for r, e in zip(read, examples))
     past_window = sum(scheduler.embedder.requests_past_window(read))  # as `chats_read_by_last_exchange` counted them
@@ -374,11 +377,10 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
 
 
 def chats_past_margin_cap(scheduler: NeuralScheduler, examples: Sequence[Example]) -> int:
-    """Chats the scheduler scores by their exchanges that hold more exchanges than its margin counts."""
-    if not scheduler.score_by_exchange:
+    """Chats the scheduler scores by more exchanges than its margin counts."""
+    if not scheduler.score_by_exchange or scheduler.exchange_margin_cap is None:
         return 0
-    counted = scheduler.margin_exchanges(examples)
-    return int(sum(len(e.exchanges) > n for e, n in zip(examples, counted, strict=True)))
+    return int((scheduler.scored_exchanges(examples) > scheduler.exchange_margin_cap).sum())
 
 
 def checked_cut_options(calibrate_on: str | Path | Sequence[str | Path] | None, flag_rate: float,

@@ -109,8 +109,9 @@ def alignment_similarity(prompts: torch.Tensor, bank: AlignmentBank, k: int) -> 
 
 def readings(examples: Sequence[Example]) -> list[tuple[str, ...]]:
     """Each row's readings of its prompt: the prompt; the decoded and the plain part of a prompt read decoded beside
-    plain text (`Example.prompt_parts`); and the prompt after a chat's system turn, unless more than half of the rows
-    share that system turn (a service's template says nothing about a row).
+    plain text (`Example.prompt_parts`); the prompt after a chat's system turn, unless more than half of the rows
+    share that system turn (a service's template says nothing about a row); and an exchange's request after the
+    requests its chat sent before it unanswered (`Example.earlier_requests`, `chat_exchanges`).
 
     A harmful request in the system turn, left out, was ranked at AUROC 0.7732 on Dolly sets; a long template read
     into every prompt fills the embedder's window and hid every request (0.6812; docs/validation.md, "A request in the
@@ -122,7 +123,11 @@ def readings(examples: Sequence[Example]) -> list[tuple[str, ...]]:
         read_with = example.system and example.system not in template
         return (f"{example.system}\n{example.prompt}",) if read_with else ()
 
-    return [(example.prompt, *example.prompt_parts, *with_system(example)) for example in examples]
+    def with_earlier(example: Example) -> tuple[str, ...]:
+        return (f"{example.earlier_requests}\n{example.prompt}",) if example.earlier_requests else ()
+
+    return [(example.prompt, *example.prompt_parts, *with_system(example), *with_earlier(example))
+            for example in examples]
 
 
 def most_alignment_like_readings(examples: Sequence[Example], embedder: Embedder, bank: AlignmentBank,
@@ -140,7 +145,8 @@ def most_alignment_like_readings(examples: Sequence[Example], embedder: Embedder
     for i in split:
         row = every[i]
         best = row[int(similarity[start:start + len(row)].argmax())]
-        read[i], start = replace(examples[i], prompt=best, prompt_parts=(), system=None), start + len(row)
+        read[i], start = (replace(examples[i], prompt=best, prompt_parts=(), system=None, earlier_requests=None),
+                          start + len(row))
     return read
 
 
@@ -169,7 +175,27 @@ class ExchangeSet:
     from_end: np.ndarray
 
 
-def exchange_places(examples: Sequence[Example], smallest: int = SMALL_SET) -> list[ExchangeSet]:
+def chat_exchanges(example: Example, short_answer_words: int = 0) -> list[tuple[Example, int]]:
+    """A chat's exchanges as rows of their own (`exchange_examples`), each with its place counted from the chat's end.
+    An exchange whose answer has at most `short_answer_words` words (an acknowledgement: "Understood. Please send part
+    2.") teaches nothing of its own and is not scored: its request is read before the next exchange's, as another
+    reading of that one (`readings`), so that a request split across turns is read whole (docs/validation.md, "A
+    request split across turns"). The last exchange is always scored."""
+    exchanges = exchange_examples(example)
+    read: list[tuple[Example, int]] = []
+    carried: list[str] = []
+    for place, exchange in enumerate(exchanges):
+        last = place == len(exchanges) - 1
+        if not last and short_answer_words and len(exchange.response.split()) <= short_answer_words:
+            carried.append(exchange.prompt)
+            continue
+        read.append((replace(exchange, earlier_requests="\n".join(carried) or None), len(exchanges) - 1 - place))
+        carried = []
+    return read
+
+
+def exchange_places(examples: Sequence[Example], smallest: int = SMALL_SET,
+                    short_answer_words: int = 0) -> list[ExchangeSet]:
     """The rows' exchanges grouped by their place in their chats, counted from the end. A row that is not a chat of
     several exchanges is its own exchange at place 0. Each exchange is read as a row of one exchange is
     (`exchange_examples`). A place that only a file's few longest chats reach is pooled with the places beyond it until
@@ -179,7 +205,7 @@ def exchange_places(examples: Sequence[Example], smallest: int = SMALL_SET) -> l
     exchanges")."""
     places: dict[int, list[tuple[Example, int, int]]] = {}
     for i, example in enumerate(examples):
-        for place, exchange in enumerate(reversed(exchange_examples(example))):
+        for exchange, place in chat_exchanges(example, short_answer_words):
             places.setdefault(place, []).append((exchange, i, place))
     enough = min(smallest, len(examples))
     groups: list[list[tuple[Example, int, int]]] = []

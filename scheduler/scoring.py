@@ -18,8 +18,8 @@ from scheduler.baselines import lookup_probability
 from scheduler.data.encodings import reads_as_english
 from scheduler.data.io import DataError, Example, examples_from_rows
 from scheduler.embeddings import Embedder, RowEmbeddings
-from scheduler.features import (AlignmentBank, SetEvidence, chats_read_by_last_exchange, exchange_places,
-                                most_alignment_like_readings)
+from scheduler.features import (AlignmentBank, SetEvidence, chat_exchanges, chats_read_by_last_exchange,
+                                exchange_places, most_alignment_like_readings)
 from scheduler.lexical import LexicalContrast, RowTexts
 from scheduler.metrics import conformal_p_values
 from scheduler.network import SetPosterior, build_network
@@ -31,7 +31,7 @@ CHECKPOINT_KEY = "scheduler"
 # What `NeuralScheduler.load` lets a caller change about how a checkpoint scores: its operating point.
 OPERATING_POINT_OPTIONS = ("scoring_shift", "scoring_shift_taper", "withhold_below", "withhold_block",
                            "withhold_spares_refusals", "score_unreadable", "score_by_exchange", "exchange_margin",
-                           "exchange_margin_cap")
+                           "exchange_margin_cap", "short_answer_words")
 
 
 @dataclass
@@ -114,6 +114,9 @@ class NeuralScheduler:
     # natural lengths within 0.0032 of cap 6, clean sets within 0.005. Cap 4 cost clean chats of five
     # (docs/validation.md, "Padding: a margin that stops growing").
     exchange_margin_cap: int | None = 5
+    # An exchange whose answer has at most this many words (an acknowledgement) is read with the next exchange, its
+    # request before that one's (0: every exchange is read on its own; `scheduler.features.chat_exchanges`).
+    short_answer_words: int = 0
 
     def __init__(self, posterior: SetPosterior, config: dict[str, Any], embedder: Embedder | None = None):
         self.posterior = posterior.eval()
@@ -132,7 +135,7 @@ class NeuralScheduler:
              withhold_block: Sequence[float] | None = None,
              withhold_spares_refusals: bool | None = None, score_unreadable: bool = False,
              score_by_exchange: bool = True, exchange_margin: float | None = None,
-             exchange_margin_cap: int | None = None) -> NeuralScheduler:
+             exchange_margin_cap: int | None = None, short_answer_words: int | None = None) -> NeuralScheduler:
         """Load a checkpoint written by train_scheduler.py (or any BDSModule checkpoint).
 
         `scoring_shift` replaces the checkpoint's prior log-odds of a benign row at scoring (`SafetyPrior`):
@@ -148,7 +151,9 @@ class NeuralScheduler:
         `score_by_exchange` scores a chat of several exchanges by its exchanges (`NeuralScheduler.score_by_exchange`);
         False reads it as one row. A chat of n exchanges is raised by `exchange_margin` * ln(n) logits
         (`NeuralScheduler.exchange_margin`; None keeps 6); past `exchange_margin_cap` exchanges it stops growing
-        (None keeps 5; a large number lets it grow with every exchange)."""
+        (None keeps 5; a large number lets it grow with every exchange). An exchange answered in at most
+        `short_answer_words` words is read with the next (`NeuralScheduler.short_answer_words`; None keeps the
+        scheduler's)."""
         path = Path(path)
         for name, value in (("scoring_shift", scoring_shift), ("withhold_below", withhold_below),
                             ("exchange_margin", exchange_margin)):
@@ -158,6 +163,10 @@ class NeuralScheduler:
                                                 or not isinstance(exchange_margin_cap, int) or exchange_margin_cap < 1):
             raise DataError(f"exchange_margin_cap: expected a whole number of exchanges >= 1 (e.g. 6) or null; "
                             f"got {exchange_margin_cap!r}")
+        if short_answer_words is not None and (isinstance(short_answer_words, bool)
+                                               or not isinstance(short_answer_words, int) or short_answer_words < 0):
+            raise DataError(f"short_answer_words: expected a whole number of words >= 0 (0: off) or null; "
+                            f"got {short_answer_words!r}")
         taper = None if scoring_shift_taper is None else checked_taper(scoring_shift_taper)
         block = None if withhold_block is None else checked_taper(withhold_block, "withhold_block")
         for name, value in (("withhold_spares_refusals", withhold_spares_refusals),
@@ -201,6 +210,8 @@ class NeuralScheduler:
             scheduler.exchange_margin = float(exchange_margin)
         if exchange_margin_cap is not None:
             scheduler.exchange_margin_cap = exchange_margin_cap
+        if short_answer_words is not None:
+            scheduler.short_answer_words = short_answer_words
         return scheduler
 
     @property
@@ -268,7 +279,7 @@ class NeuralScheduler:
         lowest = {name: np.full(len(examples), np.inf) for name in ("mu", "sigma", "prior_mean", "unshifted_mu")}
         from_end = np.zeros(len(examples), dtype=int)
         fractions, shifts, withheld = [], [], 0
-        for exchanges in exchange_places(examples):
+        for exchanges in exchange_places(examples, short_answer_words=self.short_answer_words):
             read = self.read(exchanges.rows)
             result = self.score_embeddings(*self.embed(read), texts=RowTexts.of(read))
             pick = lowest_per_owner(exchanges.owners, result.mu)
@@ -288,10 +299,14 @@ class NeuralScheduler:
         return ScoreResult(weight, std, lowest["mu"], lowest["sigma"], lowest["prior_mean"], fractions[most],
                            shifts[most], withheld, lowest["unshifted_mu"], unreadable, from_end)
 
+    def scored_exchanges(self, examples: Sequence[Example]) -> np.ndarray:
+        """How many exchanges each row is scored by: a plain row one, a chat each of its exchanges but those read with
+        the next (`short_answer_words`)."""
+        return np.array([len(chat_exchanges(e, self.short_answer_words)) for e in examples])
+
     def margin_exchanges(self, examples: Sequence[Example]) -> np.ndarray:
-        """How many of each row's exchanges its margin counts: all of them (a plain row is one), up to
-        `exchange_margin_cap`."""
-        counted = np.array([max(len(e.exchanges), 1) for e in examples])
+        """How many of each row's exchanges its margin counts: those it is scored by, up to `exchange_margin_cap`."""
+        counted = self.scored_exchanges(examples)
         return counted if self.exchange_margin_cap is None else np.minimum(counted, self.exchange_margin_cap)
 
     @torch.no_grad()

@@ -101,6 +101,7 @@ def test_apply_missing_input_and_bad_checkpoint(checkpoint, tmp_path):
     (["withhold_below=-6", "withhold_spares_refusals=maybe"], "withhold_spares_refusals: expected true or false; got 'maybe'"),
     (["withhold_spares_refusals=true"], "withhold_spares_refusals: needs withhold_below"),
     (["exchange_margin_cap=0"], "exchange_margin_cap: expected a whole number of exchanges >= 1 (e.g. 6) or null; got 0"),
+    (["short_answer_words=-1"], "short_answer_words: expected a whole number of words >= 0 (0: off) or null; got -1"),
     (["show_lowest=few"], "show_lowest: expected a whole number of rows >= 0; got 'few'"),
     (["flag_rate=0"], "flag_rate: expected the share of a clean set's rows the cut may flag, between 0 and 1; got 0"),
     (["flag_below=low"], "flag_below: expected a number (a cut on unshifted_mu); got 'low'"),

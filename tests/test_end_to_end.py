@@ -241,7 +241,7 @@ def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_
     without such chats is scored as with the option off; apply says how many chats it scored so, in place of the
     warning."""
     from scheduler.apply import apply_scheduler
-    from scheduler.features import exchange_places
+    from scheduler.features import chat_exchanges, exchange_places
     from scheduler.scoring import NeuralScheduler, as_examples
 
     rows = [json.loads(line) for line in (data_dir / "demo.jsonl").read_text().splitlines()]
@@ -279,6 +279,19 @@ def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_
                                by_exchange.exchange_margin * np.log(by_exchange.exchange_margin_cap), atol=1e-4)
     np.testing.assert_allclose(by_exchange.score(rows).weight, plain.score(rows).weight)
     assert by_exchange.score(rows).exchange_from_end is None
+
+    split = as_examples([{"messages": [  # each request in two turns, the first answered in three words
+        {"role": "user", "content": "Part 1: " + " ".join(r["prompt"].split()[:3])},
+        {"role": "assistant", "content": "Send part 2."},
+        {"role": "user", "content": "Part 2: " + " ".join(r["prompt"].split()[3:])},
+        {"role": "assistant", "content": r["response"]}]} for r in rows])
+    merging = NeuralScheduler.load(trained / "scheduler.ckpt", short_answer_words=3)
+    assert merging.margin_exchanges(split).tolist() == [1] * len(rows) and set(by_exchange.margin_exchanges(split)) == {2}
+    merged = plain.read([exchange for chat in split for exchange, _ in chat_exchanges(chat, short_answer_words=3)])
+    assert all(e.prompt.startswith("Part 1: ") or e.prompt.startswith("Part 2: ") for e in merged)
+    by_merged = merging.score(split)  # one exchange a chat, read whole or as its second turn, no margin
+    np.testing.assert_allclose(by_merged.mu, plain.score_examples(merged, plain.embed(merged)).mu, rtol=1e-5)
+    assert by_merged.exchange_from_end.tolist() == [0] * len(rows)
 
     long_answer = " ".join(["Rivers carry water from the hills down to the sea."] * 40)
     middle = [{"messages": [{"role": "user", "content": "Tell me about rivers."},

@@ -609,6 +609,26 @@ def test_exchange_places_group_each_chat_exchange_by_its_place_from_the_end():
     assert [place.from_end.tolist() for place in exchange_places(long, smallest=4)] == [[0] * 5, [1] * 5 + [2, 3]]
 
 
+def test_an_exchange_answered_in_a_few_words_is_read_with_the_next_request():
+    """`short_answer_words`: an exchange whose answer is that short (an acknowledgement) is not scored on its own; its
+    request is read before the next one's, as another reading of it (`readings`), so a request split across turns is
+    read whole, and the chat's margin counts the exchanges it is scored by. The last exchange always stands. Off (0),
+    every exchange stands."""
+    from scheduler.data.io import examples_from_rows
+    from scheduler.features import chat_exchanges, exchange_places, readings
+
+    chat, = examples_from_rows([{"messages": [{"role": role, "content": text} for role, text in zip(
+        ["user", "assistant"] * 4, ["Part 1: how do I", "Send part 2.", "Part 2: bake bread?", "Mix flour and water.",
+                                    "And rye?", "Yes.", "Thanks!", "Welcome."])]}])
+    merged = chat_exchanges(chat, short_answer_words=3)
+    assert [(e.prompt, e.response, e.earlier_requests, place) for e, place in merged] == [
+        ("Part 2: bake bread?", "Mix flour and water.", "Part 1: how do I", 2), ("Thanks!", "Welcome.", "And rye?", 0)]
+    assert readings([merged[0][0]]) == [("Part 2: bake bread?", "Part 1: how do I\nPart 2: bake bread?")]
+    assert [(e.prompt, e.earlier_requests, place) for e, place in chat_exchanges(chat)] == [
+        ("Part 1: how do I", None, 3), ("Part 2: bake bread?", None, 2), ("And rye?", None, 1), ("Thanks!", None, 0)]
+    assert [place.from_end.tolist() for place in exchange_places([chat], smallest=1, short_answer_words=3)] == [[0], [2]]
+
+
 def test_a_chats_exchanges_are_read_as_rows_of_one_exchange_are():
     """Each exchange is read decoded, as the same exchange sent as a row of its own would be, and carries its chat's
     system turn, so that a request in a chat's system turn or in a cipher is read when the chat is read by exchange."""

@@ -60,6 +60,9 @@ class Example:
     joint_prompt: str | None = field(default=None, compare=False)  # what the joint text reads instead of the prompt
     # A chat's (request, answer) pairs, when it holds more than one: each is a row a checkpoint may have trained on.
     exchanges: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    # An exchange of a chat read as a row of its own: the requests its chat sent just before it that got only a short
+    # answer, after which its prompt is read too (`scheduler.features.chat_exchanges`, `readings`).
+    earlier_requests: str | None = field(default=None, compare=False)
 
     @property
     def label(self) -> str | None:
