@@ -377,10 +377,11 @@ def apply_scheduler(checkpoint: str | Path, input_path: str | Path, output_path:
 
 
 def chats_past_margin_cap(scheduler: NeuralScheduler, examples: Sequence[Example]) -> int:
-    """Chats the scheduler scores by more exchanges than its margin counts."""
-    if not scheduler.score_by_exchange or scheduler.exchange_margin_cap is None:
+    """Chats the scheduler scores by their exchanges that hold more exchanges than its margin counts."""
+    if not scheduler.score_by_exchange:
         return 0
-    return int((scheduler.scored_exchanges(examples) > scheduler.exchange_margin_cap).sum())
+    counted = scheduler.margin_exchanges(examples)
+    return int(sum(len(e.exchanges) > n for e, n in zip(examples, counted, strict=True)))
 
 
 def checked_cut_options(calibrate_on: str | Path | Sequence[str | Path] | None, flag_rate: float,

@@ -18,8 +18,8 @@ from scheduler.baselines import lookup_probability
 from scheduler.data.encodings import reads_as_english
 from scheduler.data.io import DataError, Example, examples_from_rows
 from scheduler.embeddings import Embedder, RowEmbeddings
-from scheduler.features import (AlignmentBank, SetEvidence, chat_exchanges, chats_read_by_last_exchange,
-                                exchange_places, most_alignment_like_readings)
+from scheduler.features import (AlignmentBank, SetEvidence, chats_read_by_last_exchange, exchange_places,
+                                most_alignment_like_readings)
 from scheduler.lexical import LexicalContrast, RowTexts
 from scheduler.metrics import conformal_p_values
 from scheduler.network import SetPosterior, build_network
@@ -115,7 +115,10 @@ class NeuralScheduler:
     # (docs/validation.md, "Padding: a margin that stops growing").
     exchange_margin_cap: int | None = 5
     # An exchange whose answer has at most this many words (an acknowledgement) is read with the next exchange, its
-    # request before that one's (0: every exchange is read on its own; `scheduler.features.chat_exchanges`).
+    # request before that one's (0, the default: every exchange is read on its own; `features.chat_exchanges`). At 8
+    # it read harmful requests split across turns in Dolly sets at 0.8867 / 0.9296 where the default read 0.8356 /
+    # 0.8091 (fresh round), but cost chats of one-word answers: a clean SST-2 chat set kept 0.865 of its rows on one
+    # draw (default 0.985), and MMLU chats fell 0.0138 (docs/validation.md, "A request split across turns").
     short_answer_words: int = 0
 
     def __init__(self, posterior: SetPosterior, config: dict[str, Any], embedder: Embedder | None = None):
@@ -299,14 +302,12 @@ class NeuralScheduler:
         return ScoreResult(weight, std, lowest["mu"], lowest["sigma"], lowest["prior_mean"], fractions[most],
                            shifts[most], withheld, lowest["unshifted_mu"], unreadable, from_end)
 
-    def scored_exchanges(self, examples: Sequence[Example]) -> np.ndarray:
-        """How many exchanges each row is scored by: a plain row one, a chat each of its exchanges but those read with
-        the next (`short_answer_words`)."""
-        return np.array([len(chat_exchanges(e, self.short_answer_words)) for e in examples])
-
     def margin_exchanges(self, examples: Sequence[Example]) -> np.ndarray:
-        """How many of each row's exchanges its margin counts: those it is scored by, up to `exchange_margin_cap`."""
-        counted = self.scored_exchanges(examples)
+        """How many of each row's exchanges its margin counts: all of them (a plain row is one), up to
+        `exchange_margin_cap`. Exchanges read with the next (`short_answer_words`) count too: counted only as scored,
+        chats of short-answer tasks lost their margin and were read as less safe (MMLU 0.9435 -> 0.9068 at p = 0.1;
+        docs/validation.md, "A request split across turns")."""
+        counted = np.array([max(len(e.exchanges), 1) for e in examples])
         return counted if self.exchange_margin_cap is None else np.minimum(counted, self.exchange_margin_cap)
 
     @torch.no_grad()

@@ -286,11 +286,11 @@ def test_score_by_exchange_gives_a_chat_its_most_harmful_exchange(trained, data_
         {"role": "user", "content": "Part 2: " + " ".join(r["prompt"].split()[3:])},
         {"role": "assistant", "content": r["response"]}]} for r in rows])
     merging = NeuralScheduler.load(trained / "scheduler.ckpt", short_answer_words=3)
-    assert merging.margin_exchanges(split).tolist() == [1] * len(rows) and set(by_exchange.margin_exchanges(split)) == {2}
     merged = plain.read([exchange for chat in split for exchange, _ in chat_exchanges(chat, short_answer_words=3)])
     assert all(e.prompt.startswith("Part 1: ") or e.prompt.startswith("Part 2: ") for e in merged)
-    by_merged = merging.score(split)  # one exchange a chat, read whole or as its second turn, no margin
-    np.testing.assert_allclose(by_merged.mu, plain.score_examples(merged, plain.embed(merged)).mu, rtol=1e-5)
+    by_merged = merging.score(split)  # one exchange a chat, read whole or as its second turn, the margin of two
+    np.testing.assert_allclose(by_merged.mu, plain.score_examples(merged, plain.embed(merged)).mu
+                               + merging.exchange_margin * np.log(2), rtol=1e-5)
     assert by_merged.exchange_from_end.tolist() == [0] * len(rows)
 
     long_answer = " ".join(["Rivers carry water from the hills down to the sea."] * 40)
