@@ -198,7 +198,8 @@ def exchange_places(examples: Sequence[Example], smallest: int = SMALL_SET,
                     short_answer_words: int = 0) -> list[ExchangeSet]:
     """The rows' exchanges grouped by their place in their chats, counted from the end. A row that is not a chat of
     several exchanges is its own exchange at place 0. Each exchange is read as a row of one exchange is
-    (`exchange_examples`). A place that only a file's few longest chats reach is pooled with the places beyond it until
+    (`exchange_examples`); one answered in at most `short_answer_words` words is read with the next
+    (`chat_exchanges`). A place that only a file's few longest chats reach is pooled with the places beyond it until
     the set holds `smallest` rows, or as many as the file, and a short remainder joins the set before it: a set of a
     few exchanges is read against itself, and four clean chats of twenty exchanges in a file of two-exchange chats
     were each flagged when every place was its own set (docs/validation.md, "A margin that grows with a chat's

@@ -162,14 +162,11 @@ class NeuralScheduler:
                             ("exchange_margin", exchange_margin)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise DataError(f"{name}: expected a number (a logit, e.g. 0 or -6); got {value!r}")
-        if exchange_margin_cap is not None and (isinstance(exchange_margin_cap, bool)
-                                                or not isinstance(exchange_margin_cap, int) or exchange_margin_cap < 1):
-            raise DataError(f"exchange_margin_cap: expected a whole number of exchanges >= 1 (e.g. 6) or null; "
-                            f"got {exchange_margin_cap!r}")
-        if short_answer_words is not None and (isinstance(short_answer_words, bool)
-                                               or not isinstance(short_answer_words, int) or short_answer_words < 0):
-            raise DataError(f"short_answer_words: expected a whole number of words >= 0 (0: off) or null; "
-                            f"got {short_answer_words!r}")
+        for name, value, least, expected in (
+                ("exchange_margin_cap", exchange_margin_cap, 1, "a whole number of exchanges >= 1 (e.g. 6)"),
+                ("short_answer_words", short_answer_words, 0, "a whole number of words >= 0 (0: off)")):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise DataError(f"{name}: expected {expected} or null; got {value!r}")
         taper = None if scoring_shift_taper is None else checked_taper(scoring_shift_taper)
         block = None if withhold_block is None else checked_taper(withhold_block, "withhold_block")
         for name, value in (("withhold_spares_refusals", withhold_spares_refusals),

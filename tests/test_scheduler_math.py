@@ -612,7 +612,7 @@ def test_exchange_places_group_each_chat_exchange_by_its_place_from_the_end():
 def test_an_exchange_answered_in_a_few_words_is_read_with_the_next_request():
     """`short_answer_words`: an exchange whose answer is that short (an acknowledgement) is not scored on its own; its
     request is read before the next one's, as another reading of it (`readings`), so a request split across turns is
-    read whole, and the chat's margin counts the exchanges it is scored by. The last exchange always stands. Off (0),
+    read whole; each scored exchange keeps its place from the chat's end. The last exchange always stands. Off (0),
     every exchange stands."""
     from scheduler.data.io import examples_from_rows
     from scheduler.features import chat_exchanges, exchange_places, readings
